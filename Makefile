@@ -1,0 +1,76 @@
+# LLM Lab. The README's two commands: `make book` (the website) and `make test` (everything).
+# Both create .venv on first use. Other targets: execute, lock, canary, doctor, clean.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.llmlab-installed
+# Extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" on a
+# machine whose pip would otherwise fetch a multi-GB CUDA build (GitHub Actions). Never used on Colab.
+TORCH_PIP_ARGS ?=
+MATHJAX_VERSION := 3.2.2
+MATHJAX := book/_mathjax/mathjax/tex-chtml-full.js
+CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser || command -v google-chrome || echo chromium)
+NOTEBOOKS := $(shell find book labs -name '*.ipynb' -not -path '*/_build/*' -not -path '*/.ipynb_checkpoints/*' | sort)
+PYTEST_NB := --nbval --sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=600
+
+.PHONY: book test execute lock canary doctor clean chromium venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
+	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH_PIP_ARGS) "$$(grep '^torch==' constraints.txt)"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[labs,book,dev]"
+	@touch $@
+
+# MathJax served from the site itself (no CDN): only the one bundle and its fonts are copied from npm.
+$(MATHJAX):
+	@command -v npm >/dev/null || { echo "missing: npm (Node.js) to fetch MathJax $(MATHJAX_VERSION); install nodejs"; exit 1; }
+	rm -rf book/_mathjax && mkdir -p book/_mathjax/npm book/_mathjax/mathjax/output/chtml/fonts
+	cd book/_mathjax/npm && npm install --no-save --no-audit --no-fund --silent mathjax@$(MATHJAX_VERSION)
+	cp book/_mathjax/npm/node_modules/mathjax/es5/tex-chtml-full.js book/_mathjax/mathjax/
+	cp -r book/_mathjax/npm/node_modules/mathjax/es5/output/chtml/fonts/woff-v2 book/_mathjax/mathjax/output/chtml/fonts/
+	rm -rf book/_mathjax/npm
+
+book: $(STAMP) $(MATHJAX)
+	$(BIN)/jupyter-book build . -W --keep-going --quiet
+	@echo "site: _build/html/index.html"
+
+chromium:
+	@command -v $(CHROMIUM) >/dev/null && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing chromium (apt-get) for the browser check"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else echo "missing: chromium for the browser check; install it (Debian/Ubuntu: sudo apt-get install chromium)"; exit 1; fi
+
+test: book chromium
+	CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest tests $(NOTEBOOKS) $(PYTEST_NB) -p tests.timing_table -q -rs
+
+# Re-run every notebook with the cpu profile and store its outputs (what the site shows and nbval compares).
+execute: $(STAMP)
+	@for nb in $(NOTEBOOKS); do echo "executing $$nb"; \
+	  LLMLAB_PROFILE=cpu $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
+	    --ExecutePreprocessor.timeout=600 --ExecutePreprocessor.kernel_name=python3 "$$nb"; done
+
+# Re-pin constraints.txt from the current .venv (after a deliberate upgrade).
+lock: $(STAMP)
+	@{ echo "# The tested versions CI installs (\`make test\`); regenerate with \`make lock\`. torch is installed first, as the CPU build."; \
+	  $(BIN)/python -m pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu/torch==\1/' | grep -v '^llmlab'; } > constraints.txt
+
+# Weekly canary: the newest transformers, trl, peft, bitsandbytes and datasets, unpinned, against the tests.
+canary:
+	@test -x .venv-canary/bin/python || $(PYTHON) -m venv .venv-canary
+	.venv-canary/bin/python -m pip install -q --upgrade pip
+	.venv-canary/bin/python -m pip install -q $(TORCH_PIP_ARGS) "$$(grep '^torch==' constraints.txt)"
+	.venv-canary/bin/python -m pip install -q --upgrade -e ".[labs,dev]" transformers trl peft bitsandbytes datasets
+	.venv-canary/bin/python -m pip list 2>/dev/null | grep -iE '^(transformers|trl|peft|bitsandbytes|datasets) '
+	.venv-canary/bin/python -m pytest tests $(NOTEBOOKS) --nbval-lax -p tests.timing_table -q -rs -m "not site"
+
+doctor: $(STAMP)
+	$(BIN)/llmlab doctor
+
+clean:
+	rm -rf _build book/_mathjax

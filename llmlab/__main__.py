@@ -1,0 +1,3 @@
+from llmlab.env import doctor
+
+raise SystemExit(doctor())

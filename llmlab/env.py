@@ -1,0 +1,196 @@
+"""Where the course runs: profiles, seeds, threads, offline mode and ``llmlab doctor``.
+
+Every notebook calls ``llmlab.env.setup()`` first. All per-profile settings (model ids, steps, batch sizes,
+sequence lengths) live in ``PROFILES`` below and nowhere else, so one notebook runs unchanged on a laptop
+CPU (``cpu``) and on a Colab T4 or bigger GPU (``gpu``). Chapter: Preface ("How to run this course").
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field, replace
+
+COURSE_MODEL = "llmlab/course-model"  # the name `llmlab.models.load` resolves to the checkpoint shipped here
+
+
+@dataclass(frozen=True)
+class Profile:
+    """One place for every setting that differs between a CPU run and a GPU run."""
+    name: str
+    base_model: str          # what `llmlab.models.load(profile.base_model)` loads
+    offline: bool            # cpu: never touch the network (HF_HUB_OFFLINE=1)
+    dtype: str               # dtype the labs load the base model in
+    train_steps: int         # fine-tuning / alignment steps in the labs
+    batch_size: int
+    seq_len: int
+    eval_examples: int       # tasks scored for accuracy and reward tables
+    max_new_tokens: int
+    labs_gpu_gb: dict = field(default_factory=dict)  # GPU memory each lab's gpu profile needs (llmlab doctor)
+
+
+PROFILES = {
+    "cpu": Profile(
+        name="cpu", base_model=COURSE_MODEL, offline=True, dtype="float32",
+        train_steps=40, batch_size=8, seq_len=256, eval_examples=64, max_new_tokens=32,
+    ),
+    "gpu": Profile(
+        name="gpu", base_model="HuggingFaceTB/SmolLM2-360M-Instruct", offline=False, dtype="bfloat16",
+        train_steps=300, batch_size=16, seq_len=512, eval_examples=500, max_new_tokens=64,
+        labs_gpu_gb={"course_loop": 2.0, "quantization": 6.0, "qlora": 10.0, "rlhf_vs_dpo": 14.0,
+                     "inference_backends": 8.0},
+    ),
+}
+
+
+def has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def profile_name() -> str:
+    """``LLMLAB_PROFILE`` if set, else ``gpu`` when CUDA is available, else ``cpu``."""
+    name = os.environ.get("LLMLAB_PROFILE", "").strip().lower()
+    if name:
+        if name not in PROFILES:
+            raise ValueError(f"LLMLAB_PROFILE={name!r} is not a profile; choose one of {sorted(PROFILES)}")
+        return name
+    return "gpu" if has_cuda() else "cpu"
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """The ``Profile`` named ``name`` (default: the one chosen by ``profile_name()``)."""
+    if name is None:
+        name = profile_name()
+    if not isinstance(name, str):
+        raise TypeError(f"profile name must be a str, got {type(name).__name__}")
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
+    return PROFILES[name]
+
+
+def set_offline(offline: bool = True) -> None:
+    """Tell huggingface_hub, transformers and datasets not to use the network."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if offline:
+            os.environ[var] = "1"
+        else:
+            os.environ.pop(var, None)
+    try:  # huggingface_hub reads the variable at import time; keep an imported copy in step
+        import huggingface_hub.constants as c
+        c.HF_HUB_OFFLINE = offline
+    except (ImportError, AttributeError):
+        pass
+
+
+def is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def set_seed(seed: int = 0, threads: int | None = None) -> None:
+    """Seed python, numpy and torch; with ``threads``, fix torch's CPU thread count (1 gives the most
+    stable timings on a shared machine)."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive int, got {threads!r}")
+    random.seed(seed)
+    try:
+        import numpy as np
+        np.random.seed(seed % 2**32)
+    except ImportError:
+        pass
+    import torch
+    torch.manual_seed(seed)
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def setup(seed: int = 0, threads: int | None = None, profile: str | None = None, quiet: bool = False) -> Profile:
+    """Start of every notebook: choose the profile, go offline on ``cpu``, seed everything, set threads.
+
+    On ``cpu`` the thread count defaults to 1 so that outputs and timings are reproducible."""
+    p = get_profile(profile)
+    if profile is not None:
+        os.environ["LLMLAB_PROFILE"] = p.name
+    if p.offline:
+        set_offline(True)
+    if threads is None and p.name == "cpu":
+        threads = 1
+    set_seed(seed, threads)
+    if not quiet:
+        print(f"llmlab profile: {p.name} | base model: {p.base_model} | offline: {is_offline()} | seed: {seed}")
+    return p
+
+
+def with_overrides(p: Profile, **kw) -> Profile:
+    """A copy of ``p`` with some settings changed (for experiments; the profiles themselves stay fixed)."""
+    unknown = set(kw) - set(Profile.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"unknown profile settings {sorted(unknown)}")
+    return replace(p, **kw)
+
+
+# ------------------------------------------------------------------ doctor --
+
+def doctor_report() -> dict:
+    """What `llmlab doctor` prints: versions, device and free memory, profile, offline, which labs fit."""
+    import importlib.metadata as md
+    import platform
+
+    import psutil
+
+    versions = {}
+    for pkg in ("llmlab", "torch", "transformers", "tokenizers", "peft", "trl", "accelerate", "datasets",
+                "bitsandbytes", "safetensors", "huggingface_hub"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            versions[pkg] = "not installed"
+    rep = {"python": platform.python_version(), "versions": versions,
+           "cpu_cores": os.cpu_count(), "ram_free_gb": psutil.virtual_memory().available / 1e9}
+    gpu_gb = None
+    if has_cuda():
+        import torch
+        free, total = torch.cuda.mem_get_info()
+        gpu_gb = free / 1e9
+        rep["device"] = f"cuda: {torch.cuda.get_device_name(0)}, {free / 1e9:.1f} of {total / 1e9:.1f} GB free"
+    else:
+        rep["device"] = "cpu (no CUDA GPU visible)"
+    try:
+        rep["profile"] = profile_name()
+    except ValueError as e:
+        rep["profile"] = f"invalid: {e}"
+    rep["offline"] = is_offline()
+    labs = {}
+    for lab, need in PROFILES["gpu"].labs_gpu_gb.items():
+        if gpu_gb is None:
+            labs[lab] = f"gpu profile needs {need:g} GB of GPU memory; no GPU here, runs with the cpu profile"
+        else:
+            labs[lab] = (f"fits ({need:g} GB needed, {gpu_gb:.1f} GB free)" if need <= gpu_gb
+                         else f"does not fit ({need:g} GB needed, {gpu_gb:.1f} GB free)")
+    rep["labs"] = labs
+    return rep
+
+
+def doctor(argv=None) -> int:
+    """Console script ``llmlab doctor``."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if args not in ([], ["doctor"]):
+        print("usage: llmlab doctor", file=sys.stderr)
+        return 2
+    rep = doctor_report()
+    print(f"python          {rep['python']}")
+    for k, v in rep["versions"].items():
+        print(f"{k:<16}{v}")
+    print(f"device          {rep['device']}")
+    print(f"cpu cores       {rep['cpu_cores']}, {rep['ram_free_gb']:.1f} GB RAM free")
+    print(f"profile         {rep['profile']}   (set LLMLAB_PROFILE=cpu|gpu to override)")
+    print(f"offline         {rep['offline']}")
+    for lab, verdict in rep["labs"].items():
+        print(f"lab {lab:<22}{verdict}")
+    return 0

@@ -1,0 +1,68 @@
+"""Measuring: timers that report medians, process memory, result tables and their plots.
+
+Every chapter that shows a number gets it from here, and every table gets a plot. Timings on a shared machine
+are noisy: report medians over repeats and ratios between methods, never a single run.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+
+def time_it(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> dict:
+    """Call ``fn`` ``warmup`` times untimed, then ``repeats`` times; return median/min/max seconds."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now, in bytes."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def table(rows: list[dict], index: str | None = None):
+    """A pandas DataFrame from a list of dicts (one dict a row), optionally indexed by column ``index``."""
+    import pandas as pd
+
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise TypeError("rows must be a list of dicts")
+    if not rows:
+        raise ValueError("rows is empty")
+    df = pd.DataFrame(rows)
+    if index is not None:
+        if index not in df.columns:
+            raise ValueError(f"no column {index!r}; columns are {list(df.columns)}")
+        df = df.set_index(index)
+    return df
+
+
+def bar_plot(df, columns: list[str], title: str, ylabel: str, ax=None):
+    """Grouped bars of ``columns`` of ``df`` (rows on the x axis); returns the matplotlib Axes."""
+    import matplotlib.pyplot as plt
+
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise ValueError(f"columns {missing} not in the table; it has {list(df.columns)}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 3.5))
+    df[columns].plot.bar(ax=ax, rot=0)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    plt.tight_layout()
+    return ax

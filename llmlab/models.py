@@ -1,0 +1,82 @@
+"""Loading models: a Hugging Face Hub id, a local folder, or the course model shipped in this package.
+
+``load`` is the one function every chapter and lab uses, so the same notebook loads SmolLM on a Colab T4
+(``gpu`` profile) and the course model on a laptop CPU (``cpu`` profile). Chapter: Memory and compute.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from llmlab.env import COURSE_MODEL, get_profile, is_offline
+
+COURSE_MODEL_DIR = Path(__file__).parent / "assets" / "course-model"
+
+
+def course_model_card() -> dict:
+    """The shipped model card's numbers (``card.json``): recipe, steps, tokens, validation loss, wall time."""
+    return json.loads((COURSE_MODEL_DIR / "card.json").read_text())
+
+
+def resolve(name: str | os.PathLike | None) -> tuple[str, str]:
+    """Return ``(kind, location)``: kind is ``course``, ``local`` or ``hub``."""
+    if name is None:
+        name = get_profile().base_model
+    if isinstance(name, os.PathLike):
+        name = os.fspath(name)
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a str or path, got {type(name).__name__}")
+    if not name.strip():
+        raise ValueError("model name is empty")
+    if name == COURSE_MODEL:
+        return "course", str(COURSE_MODEL_DIR)
+    if Path(name).expanduser().is_dir():
+        return "local", str(Path(name).expanduser())
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ValueError(f"no model folder at {name!r}")
+    return "hub", name
+
+
+def _from_pretrained(location: str, dtype, quantization_config, local_only: bool, **kwargs):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}")
+        dtype = getattr(torch, dtype)
+    tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local_only)
+    model = AutoModelForCausalLM.from_pretrained(
+        location, dtype=dtype, quantization_config=quantization_config, local_files_only=local_only, **kwargs)
+    model.eval()
+    return model, tokenizer
+
+
+def load(name: str | os.PathLike | None = None, dtype=None, quantization_config=None, **kwargs):
+    """Load ``(model, tokenizer)`` for a causal LM.
+
+    ``name`` is a hub id (``"HuggingFaceTB/SmolLM2-360M-Instruct"``), a local folder, or ``llmlab.env.COURSE_MODEL``;
+    ``None`` means the current profile's base model. ``dtype`` is a torch dtype or its name (default: the
+    profile's). If a hub model cannot be reached (offline, no network, unknown id) this prints one line and
+    falls back to the course model instead of raising.
+    """
+    kind, location = resolve(name)
+    if dtype is None:
+        dtype = get_profile().dtype
+    if kind != "hub":
+        return _from_pretrained(location, dtype, quantization_config, local_only=True, **kwargs)
+    try:
+        return _from_pretrained(location, dtype, quantization_config, local_only=is_offline(), **kwargs)
+    except (OSError, ValueError) as e:  # offline, unreachable, gated, unknown id: all surface as OSError
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        print(f"llmlab: could not load {name!r} from the Hugging Face Hub ({reason}); "
+              f"using the course model {COURSE_MODEL!r} instead.")
+        return _from_pretrained(str(COURSE_MODEL_DIR), dtype, quantization_config, local_only=True, **kwargs)
+
+
+def count_parameters(model, trainable_only: bool = False) -> int:
+    """Number of parameters (each element once, tied weights once)."""
+    if not hasattr(model, "parameters"):
+        raise TypeError(f"expected a torch model, got {type(model).__name__}")
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,69 @@
+import pytest
+
+from llmlab import data
+
+
+def test_deterministic_per_seed():
+    assert data.pretraining_corpus(50, seed=3) == data.pretraining_corpus(50, seed=3)
+    assert data.pretraining_corpus(50, seed=3) != data.pretraining_corpus(50, seed=4)
+    a = [t.prompt for t in data.instruction_tasks(40, seed=1)]
+    assert a == [t.prompt for t in data.instruction_tasks(40, seed=1)]
+
+
+def test_splits_are_disjoint_enough():
+    train = set(data.corpus_split("train", 2000))
+    val = data.corpus_split("validation", 200)
+    # stories are combinatorial: a validation document rarely repeats a training one verbatim
+    assert sum(d in train for d in val) < 0.1 * len(val)
+
+
+@pytest.mark.parametrize("kind", data.EXACT_TASKS)
+def test_canonical_response_is_correct_and_wrong_one_is_not(kind):
+    for t in data.instruction_tasks(30, seed=5, kinds=[kind]):
+        assert data.check_answer(t, t.response), t
+        assert data.parse_prompt(t.prompt).answer == t.answer
+        assert not data.check_answer(t, "I do not know.")
+
+
+def test_check_answer_reads_wrong_answers():
+    t = data.make_task("add", __import__("random").Random(0))
+    a, b = t.prompt[8:-1].split(" plus ")
+    assert data.check_answer(t, f"{a} plus {b} is {int(a) + int(b)}.")
+    assert not data.check_answer(t, f"{a} plus {b} is {int(a) + int(b) + 1}.")
+
+
+def test_gold_reward_orders_preference_pairs():
+    pairs = data.preference_pairs(300, seed=0)
+    kinds = {p["kind"] for p in pairs}
+    assert kinds == set(data.TASKS)
+    for p in pairs:
+        assert data.gold_reward(p["prompt"], p["chosen"]) > data.gold_reward(p["prompt"], p["rejected"]), p
+
+
+def test_gold_reward_components():
+    p = "What is 3 plus 4?"
+    assert data.gold_reward(p, "3 plus 4 is 7.") == 1.25
+    assert data.gold_reward(p, "3 plus 4 is 8.") == 0.25
+    rambling = "Let me think. " * 10 + "3 plus 4 is 7."
+    assert data.gold_reward(p, rambling) < 1.0
+    s = "Tell me a story about a dog at the park."
+    good = data.make_story(__import__("random").Random(0), animal="dog", place="park").text
+    assert data.gold_reward(s, good) == 1.25
+    assert data.gold_reward(s, "The dog. The dog. The dog.") < data.gold_reward(s, good)
+
+
+def test_bad_inputs():
+    with pytest.raises(TypeError):
+        data.instruction_tasks("3")
+    with pytest.raises(ValueError):
+        data.instruction_tasks(-1)
+    with pytest.raises(ValueError):
+        data.instruction_tasks(3, kinds=["poetry"])
+    with pytest.raises(TypeError):
+        data.pretraining_corpus(3, seed=1.5)
+    with pytest.raises(ValueError):
+        data.parse_prompt("Write a poem.")
+    with pytest.raises(TypeError):
+        data.gold_reward("What is 3 plus 4?", None)
+    with pytest.raises(ValueError):
+        data.corpus_split("dev", 3)

@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from llmlab import memory as M
+
+
+def test_rule_of_thumb_reproduces_the_notes_examples():
+    assert M.estimate_inference_memory(7e9, 16) == pytest.approx(16.8)
+    assert M.estimate_inference_memory(7e9, 8) == pytest.approx(8.4)
+    # the formula is just P * Q / 8 bytes plus overhead
+    assert M.estimate_inference_memory(1e9, 4, overhead=0) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("args, err", [
+    ((-7e9, 16), ValueError), ((0, 16), ValueError), ((7e9, 7), ValueError), ((7e9, 1), ValueError),
+    (("7B", 16), TypeError), ((7e9, "16"), TypeError), ((7e9, True), TypeError), ((7e9, 16, -0.1), ValueError),
+])
+def test_rule_of_thumb_rejects_bad_input(args, err):
+    with pytest.raises(err):
+        M.estimate_inference_memory(*args)
+
+
+def _tiny(layers=2, hidden=256, inter=768, heads=8, kv=2, vocab=768):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter,
+                                        num_hidden_layers=layers, num_attention_heads=heads,
+                                        num_key_value_heads=kv))
+
+
+@pytest.mark.parametrize("cfg, batch, seq, ckpt", [
+    (dict(), 2, 128, False), (dict(layers=3, hidden=512, inter=1024), 1, 64, False), (dict(), 2, 128, True)])
+def test_training_estimate_matches_a_measured_step(cfg, batch, seq, ckpt):
+    model = _tiny(**cfg)
+    if ckpt:
+        model.gradient_checkpointing_enable()
+    n = sum(p.numel() for p in model.parameters())
+    x = torch.randint(0, 768, (batch, seq))
+    measured = M.measure_training_step(model, x, torch.optim.AdamW(model.parameters()))
+    est = M.estimate_training_memory(n, M.Shape.of(model), batch, seq, checkpointing=ckpt)
+    assert est.weights == pytest.approx(measured.weights, rel=1e-3)
+    assert est.gradients == pytest.approx(measured.gradients, rel=1e-3)
+    assert est.optimizer == pytest.approx(measured.optimizer, rel=1e-3)
+    assert est.activations == pytest.approx(measured.activations, rel=0.1)
+
+
+def test_lora_and_8bit_optimizer_estimates():
+    full = M.estimate_training_memory(7e9, optimizer="adamw")
+    assert full.gb()["weights"] == pytest.approx(28) and full.gb()["optimizer"] == pytest.approx(56)
+    qlora = M.estimate_training_memory(7e9, weight_bits=4, trainable_params=20e6)
+    assert qlora.gb()["total"] < 4 < full.gb()["total"]
+    assert M.estimate_training_memory(7e9, optimizer="adamw_8bit").optimizer == pytest.approx(14e9)
+    with pytest.raises(ValueError):
+        M.estimate_training_memory(7e9, optimizer="lion")
+    with pytest.raises(ValueError):
+        M.estimate_training_memory(7e9, trainable_params=8e9)
+    with pytest.raises(TypeError):
+        M.estimate_training_memory(7e9, shape={"hidden": 4096})
+
+
+def test_kv_cache_matches_transformers_cache():
+    model = _tiny(layers=2)
+    x = torch.randint(0, 768, (3, 40))
+    with torch.no_grad():
+        cache = model(input_ids=x, use_cache=True).past_key_values
+    measured = sum(layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+                   for layer in cache.layers)
+    est = M.kv_cache_bytes(n_layers=2, n_kv_heads=2, head_dim=32, seq_len=40, batch_size=3, bits=32)
+    assert est == measured
+    with pytest.raises(ValueError):
+        M.kv_cache_bytes(2, 2, 32, 0)
+
+
+def test_fits():
+    assert not M.fits(16.8, "T4") and "short" in M.fits(16.8, "T4").reason
+    assert M.fits(8.4, "T4") and "spare" in M.fits(8.4, "T4").reason
+    assert M.fits(30, 40).ok
+    with pytest.raises(ValueError):
+        M.fits(1, "TPU")
+    with pytest.raises(TypeError):
+        M.fits("8", "T4")

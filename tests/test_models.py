@@ -1,0 +1,110 @@
+import socket
+
+import pytest
+import torch
+
+from llmlab import env, models
+from llmlab.env import COURSE_MODEL
+
+
+def test_course_model_shape_and_size():
+    card = models.course_model_card()
+    cfg = __import__("json").loads((models.COURSE_MODEL_DIR / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["num_key_value_heads"] < cfg["num_attention_heads"]
+    for k in ("hidden_size", "intermediate_size", "vocab_size"):
+        assert cfg[k] % 256 == 0
+    size = (models.COURSE_MODEL_DIR / "model.safetensors").stat().st_size
+    assert size <= 25e6
+    assert card["n_params"] * 4 <= size <= card["n_params"] * 4 + 100_000  # fp32 weights + header
+
+
+def test_load_by_name_and_by_path(course_model):
+    model, tok = course_model
+    assert model.config.model_type == "llama" and tok.eos_token == "<|endoftext|>"
+    again, _ = models.load(models.COURSE_MODEL_DIR)
+    for (n, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), n
+
+
+@pytest.mark.slow
+def test_card_validation_loss_is_reproduced(course_model):
+    from llmlab.pretrain import Recipe, evaluate, validation_rows
+
+    model, tok = course_model
+    card = models.course_model_card()
+    torch.set_num_threads(2)
+    loss = evaluate(model, validation_rows(tok, Recipe(**card["recipe"])))
+    assert loss == pytest.approx(card["val_loss"], abs=2e-3)
+
+
+def test_course_model_writes_its_world(course_model):
+    from llmlab.pretrain import sample
+
+    model, tok = course_model
+    text = sample(model, tok, "Mia has a", max_new_tokens=40)
+    assert text.startswith("Mia has a") and "." in text[10:]
+    assert sample(model, tok, "3 plus 4 is", max_new_tokens=3).startswith("3 plus 4 is 7")
+
+
+@pytest.mark.slow
+def test_a_short_run_of_the_recipe_lowers_the_loss():
+    from llmlab.pretrain import Recipe, train
+
+    r = Recipe(steps=30, batch_size=8, seq_len=128, train_docs=3000, tokenizer_docs=3000, val_docs=100,
+               warmup=5, threads=2)
+    _, _, hist = train(r, eval_every=10, progress=False)
+    assert hist["val_loss"][-1] < hist["val_loss"][0] - 0.5
+    assert hist["train_loss"][-1] < hist["train_loss"][0] - 1.0
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test."""
+    attempts = []
+
+    def guard(*a, **k):
+        attempts.append(a)
+        raise AssertionError(f"network access attempted: {a}")
+
+    monkeypatch.setattr(socket.socket, "connect", guard)
+    monkeypatch.setattr(socket, "create_connection", guard)
+    return attempts
+
+
+def test_cpu_profile_tries_no_download(no_network, capsys):
+    env.setup(profile="cpu", quiet=True)
+    model, _ = models.load()  # the profile's base model: the course model
+    assert model.config.model_type == "llama"
+    model, _ = models.load("HuggingFaceTB/SmolLM2-360M-Instruct")  # a hub id offline: falls back
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and "using the course model" in out[0] and "Traceback" not in out[0]
+    assert no_network == []
+
+
+def test_hub_failure_falls_back_with_one_line(monkeypatch, capsys):
+    """Online but unreachable (the connection fails): still one line and the course model."""
+    env.set_offline(False)
+    try:
+        def refuse(*a, **k):
+            raise OSError("connection refused (test)")
+        monkeypatch.setattr(socket, "create_connection", refuse)
+        monkeypatch.setattr(socket.socket, "connect", refuse)
+        model, tok = models.load("someone/not-a-model")
+    finally:
+        env.set_offline(True)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and "someone/not-a-model" in lines[0]
+    assert model.config.model_type == "llama"
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(TypeError):
+        models.load(42)
+    with pytest.raises(ValueError):
+        models.load("")
+    with pytest.raises(ValueError):
+        models.load(str(tmp_path / "missing" / "model"))
+    with pytest.raises(ValueError):
+        models.load(COURSE_MODEL, dtype="float13")
+    with pytest.raises(TypeError):
+        models.count_parameters("model")

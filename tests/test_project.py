@@ -1,0 +1,99 @@
+"""The project's promises: pinned versions agree, README's two commands, notebooks stored executed, Colab."""
+import json
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _pins(lines):
+    return dict(l.strip().split("==", 1) for l in lines if "==" in l and not l.strip().startswith("#"))
+
+
+def test_environment_yml_agrees_with_constraints():
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())
+    pip = next(d["pip"] for d in env["dependencies"] if isinstance(d, dict))
+    conda_pins = _pins([p for p in pip if not p.startswith("-e")])
+    lock = _pins((ROOT / "constraints.txt").read_text().splitlines())
+    assert conda_pins, "environment.yml pins nothing"
+    for pkg, ver in conda_pins.items():
+        assert lock.get(pkg) == ver, f"{pkg}: environment.yml {ver} vs constraints.txt {lock.get(pkg)}"
+    py = next(d for d in env["dependencies"] if isinstance(d, str) and d.startswith("python="))
+    assert py == "python=3.11"
+
+
+def test_pyproject_requirements_are_satisfied_by_the_lock():
+    from packaging.requirements import Requirement
+
+    proj = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lock = {k.lower().replace("_", "-"): v for k, v in _pins((ROOT / "constraints.txt").read_text().splitlines()).items()}
+    reqs = proj["dependencies"] + [r for extra in proj["optional-dependencies"].values() for r in extra]
+    for r in map(Requirement, reqs):
+        name = r.name.lower().replace("_", "-")
+        assert name in lock, f"{name} is not pinned in constraints.txt"
+        assert r.specifier.contains(lock[name], prereleases=True), f"{r} excludes the pinned {lock[name]}"
+
+
+def test_readme_states_two_commands_and_ci_runs_make_test():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Two commands\s+```bash\n(.*?)```", readme, re.S).group(1)
+    assert [l.split("#")[0].strip() for l in block.strip().splitlines()] == ["make book", "make test"]
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+    targets = re.findall(r"^([a-z]+):", (ROOT / "Makefile").read_text(), re.M)
+    for t in ("book", "test", "execute", "canary"):
+        assert t in targets
+
+
+def _notebooks():
+    return sorted(p.relative_to(ROOT).as_posix() for d in ("book", "labs") for p in (ROOT / d).rglob("*.ipynb")
+                  if "_build" not in p.parts and ".ipynb_checkpoints" not in p.parts)
+
+
+def test_nbval_collects_every_notebook_on_disk(collected_notebooks, request):
+    if not request.config.getoption("--nbval", default=False) and not request.config.getoption(
+            "--nbval-lax", default=False):
+        pytest.skip("run with --nbval (make test) to compare the collected notebooks with those on disk")
+    assert sorted(collected_notebooks) == _notebooks()
+
+
+def test_every_notebook_is_in_the_toc_and_stored_executed():
+    toc = (ROOT / "_toc.yml").read_text()
+    for nb in _notebooks():
+        assert nb[: -len(".ipynb")] in toc, f"{nb} is not in _toc.yml"
+        cells = json.loads((ROOT / nb).read_text())["cells"]
+        code = [c for c in cells if c["cell_type"] == "code" and "skip-execution" not in c["metadata"].get("tags", [])]
+        assert code and all(c.get("execution_count") for c in code), f"{nb} is not stored executed (make execute)"
+        assert json.loads((ROOT / nb).read_text())["metadata"]["kernelspec"]["name"] == "python3"
+
+
+def test_labs_open_in_colab_from_the_one_repository_url():
+    cfg = yaml.safe_load((ROOT / "_config.yml").read_text())
+    url = cfg["repository"]["url"]
+    slug = url.removeprefix("https://github.com/")
+    assert cfg["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
+    labs = sorted((ROOT / "labs").glob("*.ipynb"))
+    assert labs
+    for lab in labs:
+        cells = json.loads(lab.read_text())["cells"]
+        first = "".join(cells[0]["source"])
+        badge = f"https://colab.research.google.com/github/{slug}/blob/{cfg['repository']['branch']}/labs/{lab.name}"
+        assert badge in first, f"{lab.name}: Colab badge must point at {badge}"
+        install = next("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        assert f"git+{url}" in install and "google.colab" in install
+        assert not re.search(r"pip install[^\n]*\btorch\b", install), "the install cell must never reinstall torch"
+
+
+def test_github_workflows():
+    wf = ROOT / ".github" / "workflows"
+    texts = {p.name: p.read_text() for p in wf.glob("*.yml")}
+    assert any("make test" in t for t in texts.values())
+    assert any("deploy-pages" in t and "make book" in t for t in texts.values())
+    canary = [t for t in texts.values() if "schedule" in t and "make canary" in t]
+    assert canary, "a scheduled canary workflow runs make canary"
+    for t in texts.values():
+        yaml.safe_load(t)

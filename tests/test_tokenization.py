@@ -1,0 +1,44 @@
+import pytest
+from tokenizers import Tokenizer
+
+from llmlab import data, tokenization
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tokenization.train_tokenizer(data.pretraining_corpus(2000, seed=0), vocab_size=512)
+
+
+def test_round_trip_and_specials(tok):
+    for doc in data.pretraining_corpus(50, seed=9):
+        assert tok.decode(tok(doc)["input_ids"]) == doc
+    for s in tokenization.SPECIAL_TOKENS:
+        assert len(tok(s, add_special_tokens=False)["input_ids"]) == 1
+    assert tok.eos_token == tokenization.EOS and tok.pad_token == tokenization.PAD
+
+
+def test_wrapper_matches_the_tokenizers_library(tok, tmp_path):
+    """The PreTrainedTokenizerFast gives the same ids as the raw `tokenizers` model it wraps, after a save."""
+    tok.save_pretrained(tmp_path)
+    raw = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    for doc in data.pretraining_corpus(30, seed=11):
+        assert raw.encode(doc).ids == tok(doc, add_special_tokens=False)["input_ids"]
+
+
+def test_chat_template_marks_only_assistant_tokens(tok):
+    msgs = [{"role": "user", "content": "What is 2 plus 3?"},
+            {"role": "assistant", "content": "2 plus 3 is 5."}]
+    out = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    marked = [i for i, m in zip(out["input_ids"], out["assistant_masks"]) if m]
+    assert tok.decode(marked) == "2 plus 3 is 5.<|end|>"
+    prompt = tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt == "<|user|>\nWhat is 2 plus 3?<|end|>\n<|assistant|>\n"
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError):
+        tokenization.train_tokenizer(["a b c"], vocab_size=100)
+    with pytest.raises(TypeError):
+        tokenization.train_tokenizer("one string", vocab_size=512)
+    with pytest.raises(TypeError):
+        tokenization.train_tokenizer(["a"], vocab_size=512.0)
