@@ -52,8 +52,7 @@ test: book chromium
 # Re-run every notebook with the cpu profile and store its outputs (what the site shows and nbval compares).
 execute: $(STAMP)
 	@for nb in $(NOTEBOOKS); do echo "executing $$nb"; \
-	  LLMLAB_PROFILE=cpu $(BIN)/jupyter nbconvert --to notebook --execute --inplace \
-	    --ExecutePreprocessor.timeout=600 --ExecutePreprocessor.kernel_name=python3 "$$nb"; done
+	  LLMLAB_PROFILE=cpu $(BIN)/jupyter execute --inplace --timeout=600 --kernel_name=python3 "$$nb"; done
 
 # Re-pin constraints.txt from the current .venv (after a deliberate upgrade).
 lock: $(STAMP)

@@ -117,12 +117,36 @@ def setup(seed: int = 0, threads: int | None = None, profile: str | None = None,
         os.environ["LLMLAB_PROFILE"] = p.name
     if p.offline:
         set_offline(True)
-    if threads is None and p.name == "cpu":
-        threads = 1
+        # bitsandbytes' CPU backend tries to fetch an optional kernel from the Hub on some CPUs and logs a
+        # warning when it cannot; offline that is expected, and the warning differs from machine to machine.
+        import logging
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    if p.name == "cpu":
+        if threads is None:
+            threads = 1
+        _quiet_loading()
     set_seed(seed, threads)
     if not quiet:
         print(f"llmlab profile: {p.name} | base model: {p.base_model} | offline: {is_offline()} | seed: {seed}")
     return p
+
+
+def _quiet_loading() -> None:
+    """No progress bars for loading the course model (instant on a CPU): they would clutter stored outputs.
+    Bars for long steps (training, evaluation) stay, in plain text, since widgets need ipywidgets."""
+    import warnings
+
+    try:
+        from tqdm import TqdmExperimentalWarning, TqdmWarning
+        warnings.filterwarnings("ignore", category=TqdmWarning)
+        warnings.filterwarnings("ignore", category=TqdmExperimentalWarning)
+    except ImportError:
+        pass
+    try:
+        import transformers
+        transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def with_overrides(p: Profile, **kw) -> Profile:

@@ -52,7 +52,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, bat
     out = []
     chunks = range(0, len(prompts), batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm  # plain bars: widget bars render blank on the static site
         chunks = tqdm(chunks, desc="generate", unit="batch")
     try:
         for i in chunks:

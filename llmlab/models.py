@@ -67,10 +67,15 @@ def load(name: str | os.PathLike | None = None, dtype=None, quantization_config=
     if kind != "hub":
         return _from_pretrained(location, dtype, quantization_config, local_only=True, **kwargs)
     try:
+        if not is_offline():
+            # One quick metadata request first: without it, an unreachable Hub costs a minute of download
+            # retries (and a screen of retry warnings) before from_pretrained gives up.
+            from huggingface_hub import model_info
+            model_info(location, timeout=10)
         return _from_pretrained(location, dtype, quantization_config, local_only=is_offline(), **kwargs)
-    except (OSError, ValueError) as e:  # offline, unreachable, gated, unknown id: all surface as OSError
+    except Exception as e:  # offline, unreachable, gated, unknown id (the hub's errors vary by version)
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
-        print(f"llmlab: could not load {name!r} from the Hugging Face Hub ({reason}); "
+        print(f"llmlab: could not load {name!r} from the Hugging Face Hub ({type(e).__name__}: {reason}); "
               f"using the course model {COURSE_MODEL!r} instead.")
         return _from_pretrained(str(COURSE_MODEL_DIR), dtype, quantization_config, local_only=True, **kwargs)
 

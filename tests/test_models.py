@@ -46,17 +46,6 @@ def test_course_model_writes_its_world(course_model):
     assert sample(model, tok, "3 plus 4 is", max_new_tokens=3).startswith("3 plus 4 is 7")
 
 
-@pytest.mark.slow
-def test_a_short_run_of_the_recipe_lowers_the_loss():
-    from llmlab.pretrain import Recipe, train
-
-    r = Recipe(steps=30, batch_size=8, seq_len=128, train_docs=3000, tokenizer_docs=3000, val_docs=100,
-               warmup=5, threads=2)
-    _, _, hist = train(r, eval_every=10, progress=False)
-    assert hist["val_loss"][-1] < hist["val_loss"][0] - 0.5
-    assert hist["train_loss"][-1] < hist["train_loss"][0] - 1.0
-
-
 @pytest.fixture
 def no_network(monkeypatch):
     """Any attempt to open a network connection fails the test."""
@@ -92,8 +81,10 @@ def test_hub_failure_falls_back_with_one_line(monkeypatch, capsys):
         model, tok = models.load("someone/not-a-model")
     finally:
         env.set_offline(True)
-    lines = capsys.readouterr().out.strip().splitlines()
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
     assert len(lines) == 1 and "someone/not-a-model" in lines[0]
+    assert "Retrying" not in captured.err and "Traceback" not in captured.err
     assert model.config.model_type == "llama"
 
 
