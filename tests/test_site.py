@@ -63,6 +63,6 @@ def test_lab_page_has_colab_link():
 
 
 def test_search_works_offline():
-    dom = render("search.html", query="bitsandbytes")
+    dom = render("search.html", query="q=bitsandbytes")
     assert re.search(r"Search finished, found [1-9]\d* page", dom), "the search found nothing"
     assert 'href="book/foundations/memory-and-compute.html' in dom
