@@ -46,6 +46,11 @@ def _check_seed(seed):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
 
 
+def _check_rng(rng):
+    if not isinstance(rng, random.Random):
+        raise TypeError(f"rng must be a random.Random, got {type(rng).__name__}")
+
+
 def _check_count(n, name="n"):
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"{name} must be an int, got {type(n).__name__}")
@@ -72,6 +77,11 @@ def _a(word):
 
 def make_story(rng: random.Random, animal: str | None = None, place: str | None = None) -> Story:
     """One short story; ``animal`` and ``place`` may be fixed (story prompts ask for them)."""
+    _check_rng(rng)
+    if animal is not None and animal not in ANIMALS:
+        raise ValueError(f"animal must be one of {ANIMALS}, got {animal!r}")
+    if place is not None and place not in PLACES:
+        raise ValueError(f"place must be one of {PLACES}, got {place!r}")
     name = rng.choice(list(NAMES))
     pron = NAMES[name]
     Pron = pron.capitalize()
@@ -140,6 +150,7 @@ def make_task(kind: str, rng: random.Random) -> Task:
     """Make one task of ``kind`` (one of ``TASKS``)."""
     if kind not in TASKS:
         raise ValueError(f"unknown task kind {kind!r}; expected one of {TASKS}")
+    _check_rng(rng)
     if kind == "add":
         a, b = rng.randint(0, MAX_OPERAND), rng.randint(0, MAX_OPERAND)
         ans = str(a + b)

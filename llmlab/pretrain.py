@@ -199,6 +199,17 @@ def sample(model, tokenizer, prompt: str, max_new_tokens: int = 60) -> str:
 SAMPLE_PROMPTS = ["Mia has a", "One day, Leo goes to the", "7 plus 5 is", "Question: Which is bigger, 3 or 9? Answer:"]
 
 
+def cpu_name() -> str:
+    """The CPU model for the model card (``/proc/cpuinfo`` on Linux, else the platform's machine type)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def write_checkpoint(model, tokenizer, history, r: Recipe, out: Path):
     import datetime
 
@@ -215,7 +226,7 @@ def write_checkpoint(model, tokenizer, history, r: Recipe, out: Path):
         "val_loss": history["val_loss"][-1],
         "wall_time_min": history["wall_time_s"] / 60,
         "tokens_seen": history["tokens_seen"],
-        "hardware": f"{platform.machine()}, {torch.get_num_threads()} CPU threads ({platform.processor() or 'cpu'}), no GPU",
+        "hardware": f"{cpu_name()}, {torch.get_num_threads()} CPU threads, no GPU",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "date": datetime.date.today().isoformat(),

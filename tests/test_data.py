@@ -67,3 +67,7 @@ def test_bad_inputs():
         data.gold_reward("What is 3 plus 4?", None)
     with pytest.raises(ValueError):
         data.corpus_split("dev", 3)
+    with pytest.raises(TypeError):
+        data.make_task("add", 0)
+    with pytest.raises(ValueError):
+        data.make_story(__import__("random").Random(0), animal="dragon")
