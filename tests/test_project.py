@@ -97,3 +97,16 @@ def test_github_workflows():
     assert canary, "a scheduled canary workflow runs make canary"
     for t in texts.values():
         yaml.safe_load(t)
+
+
+def test_the_wheel_ships_the_course_model(tmp_path):
+    """Colab installs llmlab with pip from the repository: the course model must be inside the wheel."""
+    import sys
+    import zipfile
+
+    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                          "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    names = zipfile.ZipFile(next(tmp_path.glob("llmlab-*.whl"))).namelist()
+    for f in ("model.safetensors", "tokenizer.json", "config.json", "card.json", "README.md"):
+        assert f"llmlab/assets/course-model/{f}" in names
