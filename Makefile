@@ -1,5 +1,5 @@
 # LLM Lab. The README's two commands: `make book` (the website) and `make test` (everything).
-# Both create .venv on first use. Other targets: execute, lock, canary, doctor, clean.
+# Both create .venv on first use. Other targets: execute, assign, grade, lock, canary, doctor, clean.
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 PYTHON ?= python3
@@ -12,10 +12,14 @@ TORCH_PIP_ARGS ?=
 MATHJAX_VERSION := 3.2.2
 MATHJAX := book/_mathjax/mathjax/tex-chtml-full.js
 CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser || command -v google-chrome || echo chromium)
-NOTEBOOKS := $(shell find book labs -name '*.ipynb' -not -path '*/_build/*' -not -path '*/.ipynb_checkpoints/*' | sort)
+# Every notebook nbval runs: the chapters and the lab masters (labs/student holds generated student versions).
+NOTEBOOKS := $(shell find book labs -name '*.ipynb' -not -path 'labs/student/*' -not -path '*/.ipynb_checkpoints/*' | sort)
+LAB ?=
+SUBMISSIONS ?=
+TIMEOUT ?= 600
 PYTEST_NB := --nbval --sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=600
 
-.PHONY: book test execute lock canary doctor clean chromium venv
+.PHONY: book test execute assign grade lock canary doctor clean chromium venv
 
 venv: $(STAMP)
 
@@ -23,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH_PIP_ARGS) "$$(grep '^torch==' constraints.txt)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[labs,book,dev]"
+	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[labs,book,dev,grading]"
 	@touch $@
 
 # MathJax served from the site itself (no CDN): only the one bundle and its fonts are copied from npm.
@@ -36,6 +40,7 @@ $(MATHJAX):
 	rm -rf book/_mathjax/npm
 
 book: $(STAMP) $(MATHJAX)
+	rm -rf _build  # a clean build: no page of a removed or renamed notebook survives
 	$(BIN)/jupyter-book build . -W --keep-going --quiet
 	@echo "site: _build/html/index.html"
 
@@ -53,6 +58,16 @@ test: book chromium
 execute: $(STAMP)
 	@for nb in $(NOTEBOOKS); do echo "executing $$nb"; \
 	  LLMLAB_PROFILE=cpu $(BIN)/jupyter execute --inplace --timeout=600 --kernel_name=python3 "$$nb"; done
+
+# Student notebooks (labs/student, what the site and Colab show) and autograder zips (dist/<lab>/) from the masters.
+assign: $(STAMP)
+	$(BIN)/python -m llmlab.grading assign --labs labs --dist dist
+
+# Grade a folder of submissions without Docker: make grade LAB=00_course_loop SUBMISSIONS=path/to/folder
+grade: $(STAMP)
+	@test -n "$(LAB)" -a -n "$(SUBMISSIONS)" || { echo "usage: make grade LAB=<lab> SUBMISSIONS=<folder> [TIMEOUT=600]"; exit 2; }
+	@test -f dist/$(LAB)/autograder/$(LAB)-autograder.zip || $(MAKE) assign
+	$(BIN)/python -m llmlab.grading grade $(LAB) $(SUBMISSIONS) --dist dist --timeout $(TIMEOUT)
 
 # Re-pin constraints.txt from the current .venv (after a deliberate upgrade).
 lock: $(STAMP)
@@ -72,4 +87,4 @@ doctor: $(STAMP)
 	$(BIN)/llmlab doctor
 
 clean:
-	rm -rf _build book/_mathjax
+	rm -rf _build book/_mathjax dist

@@ -57,9 +57,11 @@ def test_executed_outputs_are_shown(memory_page):
 
 
 def test_lab_page_has_colab_link():
-    dom = render("labs/00_course_loop.html")
-    assert re.search(r'href="https://colab\.research\.google\.com/github/[^"]+/labs/00_course_loop\.ipynb"', dom)
+    dom = render("labs/student/00_course_loop.html")
+    assert re.search(r'href="https://colab\.research\.google\.com/github/[^"]+/labs/student/00_course_loop\.ipynb"', dom)
     assert "cell_output" in dom
+    assert 'grader.check' in text_of(dom)  # the student version, with its checks
+    assert not list(SITE.glob("labs/00_course_loop*")), "a lab master was published"
 
 
 def test_search_works_offline():

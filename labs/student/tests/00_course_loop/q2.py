@@ -1,0 +1,9 @@
+OK_FORMAT = True
+
+test = {   'name': 'q2',
+    'points': 2,
+    'suites': [   {   'cases': [{'code': ">>> assert accuracy([{'correct': True}, {'correct': False}]) == 0.5\n", 'hidden': False, 'locked': False}],
+                      'scored': True,
+                      'setup': '',
+                      'teardown': '',
+                      'type': 'doctest'}]}
