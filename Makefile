@@ -59,14 +59,15 @@ execute: $(STAMP)
 	@for nb in $(NOTEBOOKS); do echo "executing $$nb"; \
 	  LLMLAB_PROFILE=cpu $(BIN)/jupyter execute --inplace --timeout=600 --kernel_name=python3 "$$nb"; done
 
-# Student notebooks (labs/student, what the site and Colab show) and autograder zips (dist/<lab>/) from the masters.
+# From the masters: dist/student (notebooks + public tests), dist/autograder (zips + solutions), and labs/student
+# (the same student files, which the site and Colab show).
 assign: $(STAMP)
 	$(BIN)/python -m llmlab.grading assign --labs labs --dist dist
 
 # Grade a folder of submissions without Docker: make grade LAB=00_course_loop SUBMISSIONS=path/to/folder
 grade: $(STAMP)
 	@test -n "$(LAB)" -a -n "$(SUBMISSIONS)" || { echo "usage: make grade LAB=<lab> SUBMISSIONS=<folder> [TIMEOUT=600]"; exit 2; }
-	@test -f dist/$(LAB)/autograder/$(LAB)-autograder.zip || $(MAKE) assign
+	@test -f dist/autograder/$(LAB)-autograder.zip || $(MAKE) assign
 	$(BIN)/python -m llmlab.grading grade $(LAB) $(SUBMISSIONS) --dist dist --timeout $(TIMEOUT)
 
 # Re-pin constraints.txt from the current .venv (after a deliberate upgrade).

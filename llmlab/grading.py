@@ -1,9 +1,9 @@
 """Graded labs with otter-grader: master notebooks in, student notebooks and autograders out, scores back.
 
 Chapter: For instructors. A lab in ``labs/`` is an otter master notebook (``# ASSIGNMENT CONFIG``, questions with
-solutions, public and hidden tests). ``make assign`` runs ``assign`` on each master: it writes the student
-notebook and the autograder zip under ``dist/<lab>/``, and publishes the student notebook (with the master's
-outputs on every cell that is not part of a question) to ``labs/student/``, which the website and the Colab
+solutions, public and hidden tests). ``make assign`` runs ``assign`` on each master: student notebooks (with the
+master's outputs on every cell that is not part of a question) under ``dist/student/``, autograder zips under
+``dist/autograder/``, and a copy of the student files in ``labs/student/``, which the website and the Colab
 buttons show. ``make grade`` runs ``grade``: ``otter run`` on every submission, no Docker, a time limit each,
 one CSV row per submission. ``secret_lines`` lists what must never leave the master (solutions, hidden tests).
 """
@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-STUDENT_DIR = "student"
+STUDENT_DIR = "student"  # labs/student: the published student versions
 _MARKER = re.compile(r"#\s*(BEGIN|END) SOLUTION( NO PROMPT)?\s*$")
 
 
@@ -118,6 +118,8 @@ def _transplant_outputs(master_nb: dict, student_nb: dict) -> dict:
             continue
         src = _src(cell)
         tags = cell.get("metadata", {}).get("tags", [])
+        if src.startswith("grader.check"):  # otter gives these cells random ids: make them stable
+            cell["id"] = "check-" + re.sub(r"\W", "", src.split("(", 1)[1])
         if "otter_answer_cell" in tags or src.startswith("grader.check") or src not in executed:
             cell["outputs"], cell["execution_count"] = [], None
         else:
@@ -127,42 +129,47 @@ def _transplant_outputs(master_nb: dict, student_nb: dict) -> dict:
 
 
 def assign(master, dist="dist", publish_to=None) -> dict:
-    """``otter assign`` one master: ``dist/<lab>/student/`` (notebook + public tests) and
-    ``dist/<lab>/autograder/<lab>-autograder.zip``. With ``publish_to`` (``labs/student``), also write the
-    student notebook there with the master's non-question outputs, and its public tests under ``tests/<lab>``.
+    """``otter assign`` one master into ``dist``:
+
+    - ``dist/student/<lab>.ipynb`` and ``dist/student/tests/<lab>/``: the student notebook, with the master's
+      outputs on every cell outside a question, and its public tests (what students get);
+    - ``dist/autograder/<lab>-autograder.zip`` and ``dist/autograder/<lab>.ipynb``: the tests, hidden ones
+      included, and the solutions (what graders get).
+
+    With ``publish_to`` (``labs/student``) the student files are copied there too, for the website and Colab.
     Raises if any solution or hidden-test line reaches a student file."""
     master = Path(master)
     name = lab_name(master)
-    out = Path(dist) / name
-    shutil.rmtree(out, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    dist = Path(dist)
+    student, autograder = dist / "student", dist / "autograder"
     with tempfile.TemporaryDirectory() as tmp:
-        # otter assign writes next to a copy of the master; --no-run-tests: nbval already runs every test cell
+        out = Path(tmp) / "out"
+        # --no-run-tests: nbval already runs every master, its test cells included
         res = subprocess.run([sys.executable, "-m", "otter", "assign", "--no-run-tests", str(master.resolve()),
-                              str(Path(tmp) / "out")], capture_output=True, text=True)
+                              str(out)], capture_output=True, text=True)
         if res.returncode != 0:
             raise RuntimeError(f"otter assign failed for {master}:\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
-        shutil.copytree(Path(tmp) / "out", out)
-    zips = list((out / "autograder").glob("*-autograder_*.zip"))
-    if len(zips) != 1:
-        raise RuntimeError(f"expected one autograder zip in {out / 'autograder'}, found {zips}")
-    zip_path = zips[0].rename(out / "autograder" / f"{name}-autograder.zip")
-    student_nb = out / "student" / master.name
-    result = {"name": name, "student": student_nb, "tests": out / "student" / "tests", "autograder": zip_path}
-    if publish_to is not None:
-        dest = Path(publish_to)
-        dest.mkdir(parents=True, exist_ok=True)
-        published = _transplant_outputs(json.loads(master.read_text()), json.loads(student_nb.read_text()))
-        (dest / master.name).write_text(json.dumps(published, indent=1, ensure_ascii=False) + "\n")
-        tests_dest = dest / "tests" / name
-        shutil.rmtree(tests_dest, ignore_errors=True)
-        shutil.copytree(out / "student" / "tests", tests_dest)
-        result["published"] = dest / master.name
-    leaked = leaks(master, [out / "student"] + ([Path(publish_to) / master.name, Path(publish_to) / "tests" / name]
-                                                 if publish_to is not None else []))
+        zips = list((out / "autograder").glob("*-autograder_*.zip"))
+        if len(zips) != 1:
+            raise RuntimeError(f"expected one autograder zip from otter assign, found {zips}")
+        autograder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(zips[0], autograder / f"{name}-autograder.zip")
+        shutil.copy(out / "autograder" / master.name, autograder / master.name)
+        student_nb = _transplant_outputs(json.loads(master.read_text()),
+                                         json.loads((out / "student" / master.name).read_text()))
+        targets = [student] + ([Path(publish_to)] if publish_to is not None else [])
+        for target in targets:
+            target.mkdir(parents=True, exist_ok=True)
+            (target / master.name).write_text(json.dumps(student_nb, indent=1, ensure_ascii=False) + "\n")
+            shutil.rmtree(target / "tests" / name, ignore_errors=True)
+            shutil.copytree(out / "student" / "tests", target / "tests" / name)
+    student_files = [f for t in targets for f in (t / master.name, t / "tests" / name)]
+    leaked = leaks(master, student_files)
     if leaked:
         raise RuntimeError(f"solution or hidden-test lines reached student files: {leaked[:5]}")
-    return result
+    return {"name": name, "student": student / master.name, "autograder": autograder / f"{name}-autograder.zip",
+            "solutions": autograder / master.name,
+            "published": Path(publish_to) / master.name if publish_to is not None else None}
 
 
 def grade(autograder, submissions, timeout: float = 600, out_csv=None):
@@ -226,13 +233,11 @@ def main(argv=None) -> int:
             r = assign(m, args.dist, publish_to=Path(args.labs) / STUDENT_DIR)
             print(f"{m}: student {r['published']}, autograder {r['autograder']}")
         return 0
-    master = Path("labs") / f"{args.lab}.ipynb"
-    name = lab_name(master) if master.exists() else args.lab
-    zip_path = Path(args.dist) / name / "autograder" / f"{name}-autograder.zip"
+    zip_path = Path(args.dist) / "autograder" / f"{args.lab}-autograder.zip"
     if not zip_path.exists():
         print(f"no autograder at {zip_path}: run `make assign` first", file=sys.stderr)
         return 2
-    out_csv = Path(args.dist) / name / "grades.csv"
+    out_csv = Path(args.dist) / "grades" / f"{args.lab}.csv"
     df = grade(zip_path, args.submissions, args.timeout, out_csv)
     print(df.to_string())
     print(f"written: {out_csv}")

@@ -28,10 +28,9 @@ def test_masters_are_otter_masters_named_after_their_file():
 def test_student_versions_hold_no_secret(assigned):
     for name, r in assigned.items():
         master = ROOT / "labs" / f"{name}.ipynb"
-        assert grading.leaks(master, [r["student"].parent, r["published"]]) == []
-        # the detector finds what it looks for: the autograder's solution notebook holds every solution line
-        solutions = r["autograder"].parent / f"{name}.ipynb"
-        assert len(grading.leaks(master, [solutions])) > 0
+        assert grading.leaks(master, [r["student"].parent, r["published"].parent]) == []
+        # the detector finds what it looks for: the solution notebook holds every solution line
+        assert len(grading.leaks(master, [r["solutions"]])) > 0
 
 
 def test_committed_student_versions_are_up_to_date(assigned):
@@ -73,8 +72,7 @@ def test_grading_scores_solutions_blanks_wrong_raising_and_looping(assigned, tmp
     r = assigned["00_course_loop"]
     subs = tmp_path / "subs"
     subs.mkdir()
-    solution = r["autograder"].parent / "00_course_loop.ipynb"
-    (subs / "a_solution.ipynb").write_text(solution.read_text())
+    (subs / "a_solution.ipynb").write_text(r["solutions"].read_text())
     (subs / "b_blank.ipynb").write_text(r["student"].read_text())
     kv = "kv_bytes = memory.kv_cache_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, 512, 8, 16)"
     acc = ("def accuracy(rows):\n    exact = [r['correct'] for r in rows if r['correct'] is not None]\n"
