@@ -10,6 +10,8 @@ import os
 import random
 from dataclasses import dataclass, field, replace
 
+from llmlab.memory import estimate_inference_memory
+
 COURSE_MODEL = "llmlab/course-model"  # the name `llmlab.models.load` resolves to the checkpoint shipped here
 
 
@@ -25,7 +27,7 @@ class Profile:
     seq_len: int
     eval_examples: int       # tasks scored for accuracy and reward tables
     max_new_tokens: int
-    labs_gpu_gb: dict = field(default_factory=dict)  # GPU memory each lab's gpu profile needs (llmlab doctor)
+    labs_gpu_gb: dict = field(default_factory=dict)  # GPU memory (GB) each lab's gpu profile needs, estimated
 
 
 PROFILES = {
@@ -36,8 +38,8 @@ PROFILES = {
     "gpu": Profile(
         name="gpu", base_model="HuggingFaceTB/SmolLM2-360M-Instruct", offline=False, dtype="bfloat16",
         train_steps=300, batch_size=16, seq_len=512, eval_examples=500, max_new_tokens=64,
-        labs_gpu_gb={"course_loop": 2.0, "quantization": 6.0, "qlora": 10.0, "rlhf_vs_dpo": 14.0,
-                     "inference_backends": 8.0},
+        # each lab's estimate from llmlab.memory (rule of thumb, 16-bit): SmolLM2-360M has 362M parameters
+        labs_gpu_gb={"00_course_loop": round(estimate_inference_memory(362e6, 16), 2)},
     ),
 }
 

@@ -25,6 +25,8 @@ def test_profiles_hold_the_same_settings():
     with pytest.raises(ValueError):
         env.with_overrides(cpu, nonsense=1)
     assert env.with_overrides(cpu, train_steps=3).train_steps == 3
+    labs = {p.stem for p in (Path(__file__).resolve().parent.parent / "labs").glob("*.ipynb")}
+    assert set(gpu.labs_gpu_gb) == labs, "every lab states the GPU memory its gpu profile needs"
 
 
 def test_setup_goes_offline_and_is_reproducible(monkeypatch, capsys):
@@ -56,7 +58,7 @@ def test_doctor_console_script():
     out = subprocess.run([str(exe), "doctor"], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "LLMLAB_PROFILE": "cpu"})
     assert out.returncode == 0, out.stderr
-    for word in ("torch", "transformers", "device", "profile         cpu", "offline", "lab qlora"):
+    for word in ("torch", "transformers", "device", "profile         cpu", "offline", "lab 00_course_loop"):
         assert word in out.stdout
     bad = subprocess.run([str(exe), "nonsense"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "usage" in bad.stderr
