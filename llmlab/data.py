@@ -210,6 +210,8 @@ def extract_answer(kind: str, prompt: str, completion: str) -> str | None:
     """The answer a completion gives, read the way the canonical response states it (None if none is given)."""
     if kind not in EXACT_TASKS:
         raise ValueError(f"extract_answer takes an exact task kind {EXACT_TASKS}, got {kind!r}")
+    if not isinstance(completion, str):
+        raise TypeError(f"completion must be a str, got {type(completion).__name__}")
     text = completion.strip().split("\n")[0]
     if kind in ("add", "subtract"):
         m = re.search(r"\bis (-?\d+)", text)
@@ -343,6 +345,7 @@ def _worse_response(task: Task, rng: random.Random) -> str:
 
 def preference_pairs(n: int, seed: int = 0, kinds=TASKS) -> list[dict]:
     """``n`` preference pairs ``{"prompt", "chosen", "rejected", "kind"}``; chosen has the higher gold reward."""
+    _check_seed(seed)
     tasks = instruction_tasks(n, seed=seed + 10_000, kinds=kinds)
     rng = random.Random(f"prefs-{seed}")
     pairs = []

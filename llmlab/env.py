@@ -153,9 +153,16 @@ def _quiet_loading() -> None:
 
 def with_overrides(p: Profile, **kw) -> Profile:
     """A copy of ``p`` with some settings changed (for experiments; the profiles themselves stay fixed)."""
-    unknown = set(kw) - set(Profile.__dataclass_fields__)
+    if not isinstance(p, Profile):
+        raise TypeError(f"p must be a Profile, got {type(p).__name__}")
+    fields = Profile.__dataclass_fields__
+    unknown = set(kw) - set(fields)
     if unknown:
         raise ValueError(f"unknown profile settings {sorted(unknown)}")
+    for k, v in kw.items():
+        expected = type(getattr(p, k))
+        if not isinstance(v, expected) or isinstance(v, bool) and expected is not bool:
+            raise TypeError(f"{k} must be {expected.__name__}, got {type(v).__name__}")
     return replace(p, **kw)
 
 

@@ -26,6 +26,8 @@ def format_prompt(tokenizer, prompt: str, style: str = "qa") -> str:
     """Wrap a course task prompt the way the model expects it."""
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    if not callable(tokenizer):
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer, got {type(tokenizer).__name__}")
     if style == "qa":
         *context, question = prompt.strip().split("\n")
         return "".join(c + "\n" for c in context) + f"Question: {question} Answer:"

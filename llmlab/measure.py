@@ -54,7 +54,10 @@ def table(rows: list[dict], index: str | None = None):
 def bar_plot(df, columns: list[str], title: str, ylabel: str, ax=None):
     """Grouped bars of ``columns`` of ``df`` (rows on the x axis); returns the matplotlib Axes."""
     import matplotlib.pyplot as plt
+    import pandas as pd
 
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"df must be a pandas DataFrame (llmlab.measure.table), got {type(df).__name__}")
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise ValueError(f"columns {missing} not in the table; it has {list(df.columns)}")

@@ -5,6 +5,7 @@ thumb's examples use; GPU specs and ``nvidia-smi`` report GiB (2^30 bytes), 7.4 
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from numbers import Real
 
@@ -12,15 +13,16 @@ GB = 1e9
 KNOWN_BITS = (2, 3, 4, 5, 6, 8, 16, 32)
 OPTIMIZERS = ("adamw", "adamw_8bit", "adafactor", "sgd")
 
-# usable memory of common GPUs, GB (decimal); Colab's T4 shows 15 GB of its 16 to PyTorch
-GPUS = {"T4": 15.0, "L4": 22.5, "A10G": 22.5, "RTX 4090": 24.0, "A100-40GB": 42.5, "A100-80GB": 85.0,
-        "H100": 85.0}
+GIB = 2**30
+# Memory of common GPUs in decimal GB, from their nominal GiB; for the T4, what Colab's PyTorch sees (15 GiB).
+GPUS = {name: gib * GIB / GB for name, gib in
+        {"T4": 15, "L4": 24, "A10G": 24, "RTX 4090": 24, "A100-40GB": 40, "A100-80GB": 80, "H100": 80}.items()}
 
 
 def _number(x, name, positive=True):
     if isinstance(x, bool) or not isinstance(x, Real):
         raise TypeError(f"{name} must be a number, got {type(x).__name__}")
-    if x < 0 or (positive and x == 0):
+    if not math.isfinite(x) or x < 0 or (positive and x == 0):
         raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {x}")
     return x
 
@@ -112,6 +114,7 @@ def optimizer_bytes_per_param(optimizer: str, hidden: int = 4096) -> float:
     about ``4 * 2 / hidden`` B per parameter. SGD without momentum: none."""
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    _number(hidden, "hidden")
     return {"adamw": 8.0, "adamw_8bit": 2.0, "adafactor": 8.0 / hidden, "sgd": 0.0}[optimizer]
 
 
@@ -139,15 +142,23 @@ def estimate_training_memory(n_params, shape: Shape | None = None, batch_size=1,
 
     ``trainable_params`` defaults to all parameters; pass the LoRA parameter count for LoRA/QLoRA (then
     ``weight_bits`` is the frozen base's: 16, 8 or 4). ``shape`` (``Shape.of(config)``) is needed for activations;
-    without it they count as 0.
+    without it they count as 0. A lower bound for quantized bases: every base weight is priced at ``weight_bits``,
+    though embeddings, the output head, norms and quantization scales stay in higher precision.
     """
     _number(n_params, "n_params")
+    _number(batch_size, "batch_size")
+    _number(seq_len, "seq_len")
     _bits(weight_bits, "weight_bits")
+    if act_bits is not None:
+        _bits(act_bits, "act_bits")
     trainable = n_params if trainable_params is None else _number(trainable_params, "trainable_params", False)
     if trainable > n_params:
         raise ValueError(f"trainable_params ({trainable}) exceeds n_params ({n_params})")
     if shape is not None and not isinstance(shape, Shape):
         raise TypeError(f"shape must be a Shape, got {type(shape).__name__}")
+    if trainable == n_params and weight_bits < 16:
+        raise ValueError(f"full training needs weights of at least 16 bits, got weight_bits={weight_bits}; "
+                         "for a quantized base, train adapters (trainable_params)")
     grad_bits = 32 if weight_bits >= 32 or trainable < n_params else weight_bits
     if act_bits is None:  # activations run in the compute dtype: fp32, else 16-bit (bf16/fp16, also for k-bit bases)
         act_bits = 32 if weight_bits == 32 else 16
@@ -185,7 +196,7 @@ def fits(needed_gb, gpu="T4") -> Fit:
         name = f"a {avail:g} GB GPU"
     ok = needed_gb <= avail
     verb = "fits on" if ok else "does not fit on"
-    return Fit(ok, needed_gb, avail, f"{needed_gb:.1f} GB {verb} {name} ({avail:g} GB usable): "
+    return Fit(ok, needed_gb, avail, f"{needed_gb:.1f} GB {verb} {name} ({avail:.1f} GB usable): "
                + (f"{avail - needed_gb:.1f} GB to spare" if ok else f"{needed_gb - avail:.1f} GB short"))
 
 

@@ -38,14 +38,24 @@ def resolve(name: str | os.PathLike | None) -> tuple[str, str]:
     return "hub", name
 
 
-def _from_pretrained(location: str, dtype, quantization_config, local_only: bool, **kwargs):
+def _dtype(dtype):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str):
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r}")
-        dtype = getattr(torch, dtype)
+        return getattr(torch, dtype)
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch.dtype or its name, got {type(dtype).__name__}")
+    return dtype
+
+
+def _from_pretrained(location: str, dtype, quantization_config, local_only: bool, **kwargs):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if torch.cuda.is_available() and "device_map" not in kwargs:
+        kwargs["device_map"] = "auto"  # on a GPU, put the model there (transformers loads to the CPU by default)
     tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local_only)
     model = AutoModelForCausalLM.from_pretrained(
         location, dtype=dtype, quantization_config=quantization_config, local_files_only=local_only, **kwargs)
@@ -53,17 +63,34 @@ def _from_pretrained(location: str, dtype, quantization_config, local_only: bool
     return model, tokenizer
 
 
+def _hub_errors() -> tuple:
+    """The exceptions that mean "the Hub could not give us this model": offline, unreachable, unknown, gated."""
+    errors = [OSError]
+    try:
+        from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+        errors += [HfHubHTTPError, OfflineModeIsEnabled]
+    except ImportError:
+        pass
+    import importlib
+
+    for module, name in (("httpx2", "HTTPError"), ("httpx", "HTTPError"), ("requests", "RequestException")):
+        try:  # huggingface_hub 2 talks through httpx2, earlier versions through httpx or requests
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
 def load(name: str | os.PathLike | None = None, dtype=None, quantization_config=None, **kwargs):
-    """Load ``(model, tokenizer)`` for a causal LM.
+    """Load ``(model, tokenizer)`` for a causal LM, on the GPU when there is one.
 
     ``name`` is a hub id (``"HuggingFaceTB/SmolLM2-360M-Instruct"``), a local folder, or ``llmlab.env.COURSE_MODEL``;
     ``None`` means the current profile's base model. ``dtype`` is a torch dtype or its name (default: the
-    profile's). If a hub model cannot be reached (offline, no network, unknown id) this prints one line and
-    falls back to the course model instead of raising.
+    profile's). If a hub model cannot be reached (offline, no network, unknown or gated id) this prints one line
+    and falls back to the course model; any other error (bad arguments, out of memory) is raised.
     """
     kind, location = resolve(name)
-    if dtype is None:
-        dtype = get_profile().dtype
+    dtype = _dtype(get_profile().dtype if dtype is None else dtype)
     if kind != "hub":
         return _from_pretrained(location, dtype, quantization_config, local_only=True, **kwargs)
     try:
@@ -73,7 +100,7 @@ def load(name: str | os.PathLike | None = None, dtype=None, quantization_config=
             from huggingface_hub import model_info
             model_info(location, timeout=10)
         return _from_pretrained(location, dtype, quantization_config, local_only=is_offline(), **kwargs)
-    except Exception as e:  # offline, unreachable, gated, unknown id (the hub's errors vary by version)
+    except _hub_errors() as e:
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         print(f"llmlab: could not load {name!r} from the Hugging Face Hub ({type(e).__name__}: {reason}); "
               f"using the course model {COURSE_MODEL!r} instead.")

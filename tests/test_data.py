@@ -69,5 +69,9 @@ def test_bad_inputs():
         data.corpus_split("dev", 3)
     with pytest.raises(TypeError):
         data.make_task("add", 0)
+    with pytest.raises(TypeError):
+        data.extract_answer("add", "What is 1 plus 2?", None)
+    with pytest.raises(TypeError):
+        data.preference_pairs(3, seed="a")
     with pytest.raises(ValueError):
         data.make_story(__import__("random").Random(0), animal="dragon")

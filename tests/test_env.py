@@ -51,6 +51,8 @@ def test_bad_inputs():
         env.get_profile("tpu")
     with pytest.raises(TypeError):
         env.get_profile(3)
+    with pytest.raises(TypeError):
+        env.with_overrides(env.PROFILES["cpu"], train_steps="many")
 
 
 def test_doctor_console_script():

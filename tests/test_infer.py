@@ -28,6 +28,10 @@ def test_score_checks_answers_with_the_data_module(course_model):
     for t, r in zip(tasks, rows):
         assert r["correct"] == data.check_answer(t, r["completion"])
         assert r["reward"] == data.gold_reward(t.prompt, r["completion"])
+    # what the course model actually does: it answers in its pretraining format, not as a chat turn
+    qa = sum(r["correct"] for r in rows) / len(rows)
+    chat = infer.score(model, tok, tasks, style="chat", max_new_tokens=16)
+    assert qa >= 0.9 > sum(r["correct"] for r in chat) / len(chat)
 
 
 def test_bad_inputs(course_model):
@@ -40,3 +44,5 @@ def test_bad_inputs(course_model):
         infer.format_prompt(tok, "What is 1 plus 2?", "poem")
     with pytest.raises(TypeError):
         infer.score(model, tok, ["What is 1 plus 2?"])
+    with pytest.raises(TypeError):
+        infer.format_prompt(None, "What is 1 plus 2?")

@@ -37,3 +37,5 @@ def test_bad_inputs():
         measure.table([{"x": 1}], index="y")
     with pytest.raises(ValueError):
         measure.bar_plot(measure.table([{"x": 1}]), ["z"], "t", "y")
+    with pytest.raises(TypeError):
+        measure.bar_plot([1, 2], ["x"], "t", "y")

@@ -14,6 +14,7 @@ def test_rule_of_thumb_reproduces_the_notes_examples():
 @pytest.mark.parametrize("args, err", [
     ((-7e9, 16), ValueError), ((0, 16), ValueError), ((7e9, 7), ValueError), ((7e9, 1), ValueError),
     (("7B", 16), TypeError), ((7e9, "16"), TypeError), ((7e9, True), TypeError), ((7e9, 16, -0.1), ValueError),
+    ((float("nan"), 16), ValueError), ((float("inf"), 16), ValueError),
 ])
 def test_rule_of_thumb_rejects_bad_input(args, err):
     with pytest.raises(err):
@@ -57,6 +58,12 @@ def test_lora_and_8bit_optimizer_estimates():
         M.estimate_training_memory(7e9, trainable_params=8e9)
     with pytest.raises(TypeError):
         M.estimate_training_memory(7e9, shape={"hidden": 4096})
+    with pytest.raises(TypeError):
+        M.estimate_training_memory(7e9, batch_size="x")
+    with pytest.raises(ValueError, match="full training"):
+        M.estimate_training_memory(7e9, weight_bits=4)
+    with pytest.raises(ValueError):
+        M.optimizer_bytes_per_param("adafactor", hidden=0)
 
 
 def test_kv_cache_matches_transformers_cache():
@@ -73,7 +80,10 @@ def test_kv_cache_matches_transformers_cache():
 
 
 def test_fits():
+    assert M.GPUS["T4"] == pytest.approx(15 * 2**30 / 1e9)  # Colab's T4: 15 GiB visible to PyTorch
     assert not M.fits(16.8, "T4") and "short" in M.fits(16.8, "T4").reason
+    with pytest.raises(ValueError):
+        M.fits(float("nan"), "T4")
     assert M.fits(8.4, "T4") and "spare" in M.fits(8.4, "T4").reason
     assert M.fits(30, 40).ok
     with pytest.raises(ValueError):

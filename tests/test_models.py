@@ -60,8 +60,11 @@ def no_network(monkeypatch):
     return attempts
 
 
-def test_cpu_profile_tries_no_download(no_network, capsys):
+def test_cpu_profile_tries_no_download(no_network, capsys, monkeypatch):
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)  # the profile itself must switch the network off
     env.setup(profile="cpu", quiet=True)
+    assert env.is_offline()
     model, _ = models.load()  # the profile's base model: the course model
     assert model.config.model_type == "llama"
     model, _ = models.load("HuggingFaceTB/SmolLM2-360M-Instruct")  # a hub id offline: falls back

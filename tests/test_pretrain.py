@@ -16,6 +16,17 @@ def test_a_short_run_of_the_recipe_lowers_the_loss():
     assert model.config.num_key_value_heads < model.config.num_attention_heads
 
 
+def test_evaluate_equals_the_transformers_loss(course_model):
+    """Our token-weighted validation loss is the same cross-entropy transformers computes from labels."""
+    model, tok = course_model
+    rows = pretrain.validation_rows(tok, Recipe(val_docs=40))
+    with torch.no_grad():
+        hf = torch.stack([model(input_ids=rows[i:i + 4], labels=rows[i:i + 4]).loss
+                          for i in range(0, len(rows) - len(rows) % 4, 4)]).mean().item()
+    ours = pretrain.evaluate(model, rows[: len(rows) - len(rows) % 4], batch_size=4)
+    assert ours == pytest.approx(hf, rel=1e-5)
+
+
 def test_pack_puts_eos_between_documents():
     class Tok:
         eos_token_id = 0
