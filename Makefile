@@ -24,6 +24,7 @@ PYTEST_NB := --nbval --sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeo
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "needs Python 3.11 or newer: make PYTHON=python3.11 ..."; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH_PIP_ARGS) "$$(grep '^torch==' constraints.txt)"
@@ -54,10 +55,12 @@ chromium:
 test: book chromium
 	CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest tests $(NOTEBOOKS) $(PYTEST_NB) -p tests.timing_table -q -rs
 
-# Re-run every notebook with the cpu profile and store its outputs (what the site shows and nbval compares).
+# Re-run every notebook with the cpu profile and store its outputs (what the site shows and nbval compares),
+# then refresh the student versions of the labs from the re-executed masters.
 execute: $(STAMP)
 	@for nb in $(NOTEBOOKS); do echo "executing $$nb"; \
 	  LLMLAB_PROFILE=cpu $(BIN)/jupyter execute --inplace --timeout=600 --kernel_name=python3 "$$nb"; done
+	$(MAKE) assign
 
 # From the masters: dist/student (notebooks + public tests), dist/autograder (zips + solutions), and labs/student
 # (the same student files, which the site and Colab show).
@@ -80,7 +83,7 @@ canary:
 	@test -x .venv-canary/bin/python || $(PYTHON) -m venv .venv-canary
 	.venv-canary/bin/python -m pip install -q --upgrade pip
 	.venv-canary/bin/python -m pip install -q $(TORCH_PIP_ARGS) "$$(grep '^torch==' constraints.txt)"
-	.venv-canary/bin/python -m pip install -q --upgrade -e ".[labs,dev]" transformers trl peft bitsandbytes datasets
+	.venv-canary/bin/python -m pip install -q --upgrade -e ".[labs,dev,grading]" transformers trl peft bitsandbytes datasets
 	.venv-canary/bin/python -m pip list 2>/dev/null | grep -iE '^(transformers|trl|peft|bitsandbytes|datasets) '
 	.venv-canary/bin/python -m pytest tests $(NOTEBOOKS) --nbval-lax -p tests.timing_table -q -rs -m "not site"
 

@@ -54,18 +54,20 @@ def lab_name(master) -> str:
     raise ValueError(f"{master} is not an otter master notebook (no '# ASSIGNMENT CONFIG' raw cell)")
 
 
-def secret_lines(master, min_len: int = 20) -> list[str]:
-    """Code lines that only the master may hold: solution lines and hidden-test lines (stripped, markers and
-    short generic lines such as ``return x`` left out, since a student version may contain those too)."""
+def secret_lines(master, min_len: int = 8) -> list[str]:
+    """Code lines that only the master may hold: solution lines and hidden-test lines, stripped. Left out: the
+    markers, lines shorter than ``min_len`` (``pass``, ``try:``: too generic to prove a leak), and lines that
+    also stand outside every solution and hidden test of the master (those are not secret)."""
     nb = _read(master)
-    secrets, block = [], []
+    secrets, public, block = [], set(), []
     for cell in nb["cells"]:
         kind = _raw_kind(cell)
         if kind:
             verb, what = kind.split()
             block = block + [what] if verb == "BEGIN" else block[:-1]
             continue
-        if cell["cell_type"] != "code" or not block:
+        if cell["cell_type"] != "code" or not block or block[-1] == "QUESTION":
+            public.update(l.strip() for l in _src(cell).splitlines())
             continue
         lines = _src(cell).splitlines()
         if block[-1] == "SOLUTION":
@@ -81,7 +83,10 @@ def secret_lines(master, min_len: int = 20) -> list[str]:
             secrets += marked if has_markers else lines
         elif block[-1] == "TESTS" and (lines and lines[0].strip() == "# HIDDEN" or "hidden: true" in _src(cell)):
             secrets += [l for l in lines if "HIDDEN" not in l and "TEST CONFIG" not in l]
-    return sorted({s.strip() for s in secrets if len(s.strip()) >= min_len and not _MARKER.search(s)})
+        elif block[-1] == "TESTS":
+            public.update(l.strip() for l in lines)
+    return sorted({s.strip() for s in secrets
+                   if len(s.strip()) >= min_len and not _MARKER.search(s) and s.strip() not in public})
 
 
 def leaks(master, paths) -> list[tuple[str, str]]:

@@ -245,3 +245,51 @@ def measure_training_step(model, input_ids, optimizer) -> TrainingMemory:
                            if isinstance(v, torch.Tensor) and v.dim() > 0])
     optimizer.zero_grad(set_to_none=True)
     return TrainingMemory(model_bytes(model), grads, states, sum(saved.values()))
+
+
+_SERVE_SCRIPT = r"""
+import json, resource, sys
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+torch.set_num_threads(1)
+path, batch, new, dtype = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), getattr(torch, sys.argv[4])
+def kib():
+    # VmHWM (peak RSS of this address space) starts afresh at exec; ru_maxrss would inherit the parent's peak
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = kib()
+tok = AutoTokenizer.from_pretrained(path)
+model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+loaded = kib()
+enc = tok(["Mia has a"] * batch, return_tensors="pt")
+with torch.no_grad():
+    model.generate(**enc, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=tok.pad_token_id)
+print(json.dumps({"baseline": base, "after_load": loaded, "peak": kib()}))
+"""
+
+
+def measure_serving_peak(model_dir, batch_size: int = 8, new_tokens: int = 128, dtype: str = "float32") -> dict:
+    """Peak resident memory (bytes) of a fresh process that loads ``model_dir`` and generates: after importing
+    torch and transformers (``baseline``), after the load, and the peak over generation. A separate process,
+    because a process's peak cannot be reset. CPU only: on a GPU, read ``torch.cuda.max_memory_allocated``."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if not Path(model_dir).is_dir():
+        raise ValueError(f"no model folder at {model_dir!r}")
+    _number(batch_size, "batch_size")
+    _number(new_tokens, "new_tokens")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    out = subprocess.run([sys.executable, "-c", _SERVE_SCRIPT, str(model_dir), str(int(batch_size)),
+                          str(int(new_tokens)), dtype], capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"the serving process failed: {out.stderr.strip().splitlines()[-1:]}")
+    import json
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -115,3 +115,27 @@ def test_bad_inputs(tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match="no .ipynb"):
         grading.grade(z, empty)
+
+
+def test_public_checks_run_from_the_published_student_notebook(monkeypatch, course_model):
+    """The student notebook's `grader.check` finds its public tests beside it (labs/student/tests/<lab>), and
+    they pass right answers and fail wrong ones."""
+    import otter
+
+    from llmlab import data, memory
+
+    student = ROOT / "labs" / "student" / "00_course_loop.ipynb"
+    setup = "".join(json.loads(student.read_text())["cells"][1]["source"])
+    assert 'TESTS = f"tests/{LAB}"' in setup and "/content/llm-lab/labs/student/tests/" in setup
+    monkeypatch.chdir(student.parent)
+    grader = otter.Notebook(tests_dir="tests/00_course_loop")
+    cfg = course_model[0].config
+    right = {"kv_bytes": memory.kv_cache_bytes(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+                                               512, 8, 16),
+             "accuracy": lambda rows: sum(r["correct"] for r in rows) / len(rows),
+             "best_chat_kind": "color_qa", "data": data, "cfg": cfg}
+    for q in ("q1", "q2", "q3"):
+        assert grader.check(q, global_env=right).passed_all_public, q
+    wrong = {**right, "kv_bytes": -1, "accuracy": lambda rows: 1.0, "best_chat_kind": "poem"}
+    for q in ("q1", "q2", "q3"):
+        assert not grader.check(q, global_env=wrong).passed_all_public, q

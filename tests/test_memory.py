@@ -90,3 +90,16 @@ def test_fits():
         M.fits(1, "TPU")
     with pytest.raises(TypeError):
         M.fits("8", "T4")
+
+
+def test_serving_peak_is_measured_in_a_fresh_process():
+    from llmlab.models import COURSE_MODEL_DIR
+
+    r = M.measure_serving_peak(COURSE_MODEL_DIR, batch_size=2, new_tokens=8)
+    weights = (COURSE_MODEL_DIR / "model.safetensors").stat().st_size
+    assert r["baseline"] < r["after_load"] <= r["peak"]
+    assert r["after_load"] - r["baseline"] > 0.9 * weights  # the weights, at least, were loaded
+    with pytest.raises(ValueError):
+        M.measure_serving_peak(COURSE_MODEL_DIR / "missing")
+    with pytest.raises(ValueError):
+        M.measure_serving_peak(COURSE_MODEL_DIR, dtype="int3")

@@ -91,6 +91,13 @@ def test_labs_open_in_colab_from_the_one_repository_url():
         install = next("".join(c["source"]) for c in cells if c["cell_type"] == "code")
         assert url in install and "google.colab" in install and "labs/student/tests" in install
         assert not re.search(r"pip install[^\n]*\btorch\b", install), "the install cell must never reinstall torch"
+    # the autograder outside this repository (Gradescope) installs llmlab from the same repository
+    assert f"git+{url}" in (ROOT / "labs" / "requirements.txt").read_text()
+    # chapters open in Colab too: each installs llmlab there, from the same repository
+    for nb in sorted((ROOT / "book").rglob("*.ipynb")):
+        code = next("".join(c["source"]) for c in json.loads(nb.read_text())["cells"] if c["cell_type"] == "code")
+        assert "google.colab" in code and f"git+{url}" in code, f"{nb.name}: first code cell must install on Colab"
+        assert not re.search(r"pip install[^\n]*\btorch\b", code)
 
 
 def test_github_workflows():
