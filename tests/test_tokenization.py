@@ -25,6 +25,24 @@ def test_wrapper_matches_the_tokenizers_library(tok, tmp_path):
         assert raw.encode(doc).ids == tok(doc, add_special_tokens=False)["input_ids"]
 
 
+def test_training_equals_a_plain_tokenizers_bpe():
+    """train_tokenizer is the `tokenizers` library's byte-level BPE and nothing more: the same trainer on the same
+    text gives the same vocabulary and the same ids."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    docs = data.pretraining_corpus(1500, seed=4)
+    ours = tokenization.train_tokenizer(docs, vocab_size=400)
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train_from_iterator(docs, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=tokenization.SPECIAL_TOKENS, show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    assert ours.get_vocab() == raw.get_vocab()
+    for doc in data.pretraining_corpus(20, seed=5):
+        assert ours(doc, add_special_tokens=False)["input_ids"] == raw.encode(doc).ids
+
+
 def test_chat_template_marks_only_assistant_tokens(tok):
     msgs = [{"role": "user", "content": "What is 2 plus 3?"},
             {"role": "assistant", "content": "2 plus 3 is 5."}]
