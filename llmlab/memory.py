@@ -216,7 +216,25 @@ def model_bytes(model) -> int:
     8-bit row scales and 4-bit block scales beside the weights, not as parameters)."""
     if not hasattr(model, "parameters") or not hasattr(model, "state_dict"):
         raise TypeError(f"expected a torch model, got {type(model).__name__}")
-    return tensor_bytes([*model.parameters(), *model.buffers(), *model.state_dict().values()])
+    try:
+        return tensor_bytes([*model.parameters(), *model.buffers(), *model.state_dict().values()])
+    except RuntimeError as e:  # tensor subclasses (torchao, quantize_dynamic's packed params) hide their storage
+        raise TypeError(f"cannot read this model's tensor storage ({e}); use serialized_bytes(model)") from None
+
+
+def serialized_bytes(model) -> int:
+    """Bytes of ``torch.save(model.state_dict())``: a size that works for every quantization scheme, including
+    those whose tensors are subclasses (torchao) or packed parameters (``torch.ao`` dynamic quantization), where
+    ``model_bytes`` and transformers' ``get_memory_footprint`` cannot see the storage."""
+    import io
+
+    import torch
+
+    if not hasattr(model, "state_dict"):
+        raise TypeError(f"expected a torch model, got {type(model).__name__}")
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.tell()
 
 
 def measure_training_step(model, input_ids, optimizer) -> TrainingMemory:

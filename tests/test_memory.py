@@ -103,3 +103,17 @@ def test_serving_peak_is_measured_in_a_fresh_process():
         M.measure_serving_peak(COURSE_MODEL_DIR / "missing")
     with pytest.raises(ValueError):
         M.measure_serving_peak(COURSE_MODEL_DIR, dtype="int3")
+
+
+def test_serialized_size_sees_dynamic_quantization():
+    """torch's dynamic int8 packs Linear weights where parameters() cannot see them; the saved size can."""
+    import copy
+
+    model = _tiny(layers=2)
+    q = torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+    full, packed = M.serialized_bytes(model), M.serialized_bytes(q)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert full - packed == pytest.approx(linear * 3, rel=0.05)  # 4 bytes -> 1 byte per Linear weight
+    assert full == pytest.approx(M.model_bytes(model), rel=0.02)
+    with pytest.raises(TypeError):
+        M.serialized_bytes("model")
