@@ -1,4 +1,4 @@
-"""Measuring: timers that report medians, process memory, result tables and their plots.
+"""Measuring: timers that report medians, result tables and their plots (memory: ``llmlab.memory``).
 
 Every chapter that shows a number gets it from here, and every table gets a plot. Timings on a shared machine
 are noisy: report medians over repeats and ratios between methods, never a single run.
@@ -26,13 +26,6 @@ def time_it(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> dict
         fn()
         times.append(time.perf_counter() - t0)
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
-
-
-def rss_bytes() -> int:
-    """Resident memory of this process now, in bytes."""
-    import psutil
-
-    return psutil.Process().memory_info().rss
 
 
 def table(rows: list[dict], index: str | None = None):
