@@ -39,7 +39,10 @@ PROFILES = {
         name="gpu", base_model="HuggingFaceTB/SmolLM2-360M-Instruct", offline=False, dtype="bfloat16",
         train_steps=300, batch_size=16, seq_len=512, eval_examples=500, max_new_tokens=64,
         # each lab's estimate from llmlab.memory (rule of thumb, 16-bit): SmolLM2-360M has 362M parameters
-        labs_gpu_gb={"00_course_loop": round(estimate_inference_memory(362e6, 16), 2)},
+        labs_gpu_gb={"00_course_loop": round(estimate_inference_memory(362e6, 16), 2),
+                     # the fp32 baseline stays loaded while each variant (16 bits at most) is measured
+                     "01_quantization": round(estimate_inference_memory(362e6, 32)
+                                              + estimate_inference_memory(362e6, 16), 2)},
     ),
 }
 

@@ -69,7 +69,7 @@ def evaluate(model, rows: torch.Tensor, batch_size: int = 16) -> float:
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(rows), batch_size):
-        x = rows[i : i + batch_size]
+        x = rows[i : i + batch_size].to(model.device)
         logits = model(input_ids=x).logits[:, :-1].float()
         loss = torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1), reduction="sum")
