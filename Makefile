@@ -9,6 +9,9 @@ STAMP := $(VENV)/.llmlab-installed
 # Extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu" on a
 # machine whose pip would otherwise fetch a multi-GB CUDA build (GitHub Actions). Never used on Colab.
 TORCH_PIP_ARGS ?=
+# llama-cpp-python compiles llama.cpp on install: a portable x86-64-v3 build (AVX2, no AMX: ggml's AMX kernels
+# crash where the kernel does not grant AMX state, as on this project's CI machines), without the multimodal part.
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
 MATHJAX_VERSION := 3.2.2
 MATHJAX := book/_mathjax/mathjax/tex-chtml-full.js
 CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser || command -v google-chrome || echo chromium)
@@ -28,7 +31,9 @@ $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check --upgrade pip
 	$(BIN)/python -m pip install -q --disable-pip-version-check $(TORCH_PIP_ARGS) "$$(grep '^torch==' constraints.txt)"
-	$(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[labs,book,dev,grading]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q --disable-pip-version-check -c constraints.txt \
+	  -e ".[labs,book,dev,grading,llamacpp]"
+	$(BIN)/python -m llmlab.llamacpp fetch
 	@touch $@
 
 # MathJax served from the site itself (no CDN): only the one bundle and its fonts are copied from npm.

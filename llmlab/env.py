@@ -117,6 +117,8 @@ def setup(seed: int = 0, threads: int | None = None, profile: str | None = None,
     """Start of every notebook: choose the profile, go offline on ``cpu``, seed everything, set threads.
 
     On ``cpu`` the thread count defaults to 1 so that outputs and timings are reproducible."""
+    import logging
+
     p = get_profile(profile)
     if profile is not None:
         os.environ["LLMLAB_PROFILE"] = p.name
@@ -124,8 +126,11 @@ def setup(seed: int = 0, threads: int | None = None, profile: str | None = None,
         set_offline(True)
         # bitsandbytes' CPU backend tries to fetch an optional kernel from the Hub on some CPUs and logs a
         # warning when it cannot; offline that is expected, and the warning differs from machine to machine.
-        import logging
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # torchao logs each optional CUDA extension it cannot load, and torch logs a deprecation for enums torchao
+    # registers: noise about GPU kernels, on every import, on a CPU.
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     if p.name == "cpu":
         if threads is None:
             threads = 1

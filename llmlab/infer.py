@@ -75,12 +75,23 @@ def score(model, tokenizer, tasks, style: str = "qa", max_new_tokens: int = 32, 
           progress: bool = False) -> list[dict]:
     """Generate an answer to each course task and score it: ``correct`` (exact tasks) and ``reward``
     (``llmlab.data.gold_reward``). Returns one dict per task."""
-    from llmlab.data import EXACT_TASKS, Task, check_answer, gold_reward
+    from llmlab.data import Task
 
     if not all(isinstance(t, Task) for t in tasks):
         raise TypeError("tasks must be a list of llmlab.data.Task")
     prompts = [format_prompt(tokenizer, t.prompt, style) for t in tasks]
-    completions = generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress)
+    return score_completions(tasks, generate(model, tokenizer, prompts, max_new_tokens, batch_size, progress))
+
+
+def score_completions(tasks, completions: list[str]) -> list[dict]:
+    """Score completions however they were generated (PyTorch, llama.cpp): ``correct`` for exact tasks and
+    ``reward`` (``llmlab.data.gold_reward``), one dict per task."""
+    from llmlab.data import EXACT_TASKS, Task, check_answer, gold_reward
+
+    if not all(isinstance(t, Task) for t in tasks):
+        raise TypeError("tasks must be a list of llmlab.data.Task")
+    if isinstance(completions, str) or len(completions) != len(tasks):
+        raise ValueError("completions must be a list with one string per task")
     return [{"kind": t.kind, "prompt": t.prompt, "completion": c,
              "correct": check_answer(t, c) if t.kind in EXACT_TASKS else None,
              "reward": gold_reward(t.prompt, c)} for t, c in zip(tasks, completions)]

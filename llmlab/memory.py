@@ -237,6 +237,21 @@ def serialized_bytes(model) -> int:
     return buf.tell()
 
 
+def file_bytes(path) -> int:
+    """Size on disk of a file, or of every file under a folder (a ``save_pretrained`` folder, a GGUF file)."""
+    import os
+    from pathlib import Path
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or path, got {type(path).__name__}")
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    raise ValueError(f"no file or folder at {path}")
+
+
 def measure_training_step(model, input_ids, optimizer) -> TrainingMemory:
     """Run one forward/backward/step and measure, by component, the bytes it holds: parameters, gradients,
     optimizer states, and the activations autograd saved for backward (via ``saved_tensors_hooks``)."""

@@ -117,3 +117,15 @@ def test_serialized_size_sees_dynamic_quantization():
     assert full == pytest.approx(M.model_bytes(model), rel=0.02)
     with pytest.raises(TypeError):
         M.serialized_bytes("model")
+
+
+def test_file_bytes_of_a_saved_model(tmp_path):
+    model = _tiny(layers=2)
+    model.save_pretrained(tmp_path / "m")
+    weights = (tmp_path / "m" / "model.safetensors").stat().st_size
+    total = M.file_bytes(tmp_path / "m")
+    assert total > weights >= M.model_bytes(model) and M.file_bytes(tmp_path / "m" / "model.safetensors") == weights
+    with pytest.raises(ValueError, match="no file or folder"):
+        M.file_bytes(tmp_path / "missing")
+    with pytest.raises(TypeError, match="path must be"):
+        M.file_bytes(3)
