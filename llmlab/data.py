@@ -206,6 +206,15 @@ def instruction_tasks(n: int, seed: int = 0, kinds=EXACT_TASKS) -> list[Task]:
 _NUM = re.compile(r"-?\d+")
 
 
+def chat_example(task: Task) -> dict:
+    """A task as one chat turn, ``{"messages": [user, assistant]}``: the conversational format trl's
+    ``SFTTrainer`` takes, with the canonical response as the assistant's answer. Fine-tuning lab."""
+    if not isinstance(task, Task):
+        raise TypeError(f"task must be an llmlab.data.Task, got {type(task).__name__}")
+    return {"messages": [{"role": "user", "content": task.prompt},
+                         {"role": "assistant", "content": task.response}]}
+
+
 def extract_answer(kind: str, prompt: str, completion: str) -> str | None:
     """The answer a completion gives, read the way the canonical response states it (None if none is given)."""
     if kind not in EXACT_TASKS:

@@ -10,7 +10,7 @@ import os
 import random
 from dataclasses import dataclass, field, replace
 
-from llmlab.memory import estimate_inference_memory
+from llmlab.memory import estimate_inference_memory, estimate_training_memory
 
 COURSE_MODEL = "llmlab/course-model"  # the name `llmlab.models.load` resolves to the checkpoint shipped here
 
@@ -20,6 +20,7 @@ class Profile:
     """One place for every setting that differs between a CPU run and a GPU run."""
     name: str
     base_model: str          # what `llmlab.models.load(profile.base_model)` loads
+    sft_model: str           # the base (not instruction-tuned) model the fine-tuning lab starts from
     offline: bool            # cpu: never touch the network (HF_HUB_OFFLINE=1)
     dtype: str               # dtype the labs load the base model in
     train_steps: int         # fine-tuning / alignment steps in the labs
@@ -32,17 +33,20 @@ class Profile:
 
 PROFILES = {
     "cpu": Profile(
-        name="cpu", base_model=COURSE_MODEL, offline=True, dtype="float32",
-        train_steps=40, batch_size=8, seq_len=256, eval_examples=64, max_new_tokens=32,
+        name="cpu", base_model=COURSE_MODEL, sft_model=COURSE_MODEL, offline=True, dtype="float32",
+        train_steps=100, batch_size=8, seq_len=256, eval_examples=64, max_new_tokens=32,
     ),
     "gpu": Profile(
-        name="gpu", base_model="HuggingFaceTB/SmolLM2-360M-Instruct", offline=False, dtype="bfloat16",
+        name="gpu", base_model="HuggingFaceTB/SmolLM2-360M-Instruct", sft_model="HuggingFaceTB/SmolLM2-360M",
+        offline=False, dtype="bfloat16",
         train_steps=300, batch_size=16, seq_len=512, eval_examples=500, max_new_tokens=64,
         # each lab's estimate from llmlab.memory (rule of thumb, 16-bit): SmolLM2-360M has 362M parameters
         labs_gpu_gb={"00_course_loop": round(estimate_inference_memory(362e6, 16), 2),
                      # the fp32 baseline stays loaded while each variant (16 bits at most) is measured
                      "01_quantization": round(estimate_inference_memory(362e6, 32)
-                                              + estimate_inference_memory(362e6, 16), 2)},
+                                              + estimate_inference_memory(362e6, 16), 2),
+                     # full fine-tuning in fp32 with AdamW: weights, gradients and two moments, 16 B a parameter
+                     "02_finetuning": round(estimate_training_memory(362e6).total / 1e9, 2)},
     ),
 }
 
@@ -155,6 +159,11 @@ def _quiet_loading() -> None:
     try:
         import transformers
         transformers.utils.logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:  # datasets' map bars (trl tokenizes its training set with them)
+        import datasets
+        datasets.disable_progress_bars()
     except ImportError:
         pass
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 PROMPT_STYLES = ("qa", "chat")
+END_OF_TURN = ("<|end|>",)  # the course chat template closes each turn with it
 
 
 def prompt_style(model, tokenizer) -> str:
@@ -39,8 +40,9 @@ def format_prompt(tokenizer, prompt: str, style: str = "qa") -> str:
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, batch_size: int = 16,
              progress: bool = False) -> list[str]:
-    """Greedy completions of ``prompts`` (already formatted), batched with left padding; each completion is
-    cut at its first newline, where the course's documents start a new line of text."""
+    """Greedy completions of ``prompts`` (already formatted), batched with left padding, stopping at the end of
+    text or of a chat turn; each completion is cut at its first newline, where the course's documents start a new
+    line of text."""
     import torch
 
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
@@ -49,6 +51,9 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, bat
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    # stop at the end of text, and at the end of a chat turn where the tokenizer has one (the course's <|end|>)
+    stop = [tokenizer.eos_token_id] + [tokenizer.convert_tokens_to_ids(t) for t in END_OF_TURN
+                                       if t in tokenizer.get_vocab() and t != tokenizer.eos_token]
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     out = []
@@ -62,7 +67,7 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 32, bat
                             add_special_tokens=False).to(model.device)
             with torch.no_grad():
                 ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=stop)
             new = ids[:, enc["input_ids"].shape[1]:]
             texts = tokenizer.batch_decode(new, skip_special_tokens=True)
             out += [t.strip().split("\n")[0].strip() for t in texts]

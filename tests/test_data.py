@@ -75,3 +75,12 @@ def test_bad_inputs():
         data.preference_pairs(3, seed="a")
     with pytest.raises(ValueError):
         data.make_story(__import__("random").Random(0), animal="dragon")
+
+
+def test_chat_example_is_one_user_and_one_assistant_turn():
+    task = data.instruction_tasks(1, seed=3)[0]
+    ex = data.chat_example(task)
+    assert [m["role"] for m in ex["messages"]] == ["user", "assistant"]
+    assert ex["messages"][0]["content"] == task.prompt and data.check_answer(task, ex["messages"][1]["content"])
+    with pytest.raises(TypeError, match="Task"):
+        data.chat_example({"prompt": "x"})
