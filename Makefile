@@ -20,6 +20,8 @@ NOTEBOOKS := $(shell find book labs -name '*.ipynb' -not -path 'labs/student/*' 
 LAB ?=
 SUBMISSIONS ?=
 TIMEOUT ?= 600
+# pytest workers: each notebook runs on one thread in one worker (--dist loadfile keeps a notebook's cells together)
+TEST_JOBS ?= 2
 PYTEST_NB := --nbval --sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=600
 
 .PHONY: book test execute assign grade lock canary doctor clean chromium venv
@@ -58,7 +60,8 @@ chromium:
 	else echo "missing: chromium for the browser check; install it (Debian/Ubuntu: sudo apt-get install chromium)"; exit 1; fi
 
 test: book chromium
-	CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest tests $(NOTEBOOKS) $(PYTEST_NB) -p tests.timing_table -q -rs
+	CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest tests $(NOTEBOOKS) $(PYTEST_NB) -p tests.timing_table -q -rs \
+	  -n $(TEST_JOBS) --dist loadfile
 
 # Re-run every notebook with the cpu profile and store its outputs (what the site shows and nbval compares),
 # then refresh the student versions of the labs from the re-executed masters.
