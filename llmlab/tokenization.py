@@ -1,7 +1,9 @@
-"""Tokenizers: the course model's byte-level BPE and its chat template.
+"""Tokenizers: the course model's byte-level BPE, its chat template, and a byte-level BPE from scratch.
 
 Used by the pretraining recipe (``llmlab.pretrain``), the fine-tuning and alignment labs (chat template with
-``{% generation %}`` markers, so trainers can compute an assistant-only loss) and the tokenization chapter.
+``{% generation %}`` markers, so trainers can compute an assistant-only loss) and the tokenization chapter, which
+builds ``BPE`` (training, encoding by merge rank, decoding, special tokens) and checks it against the
+`tokenizers` library: ``BPE.from_tokenizers`` gives the course tokenizer's ids exactly.
 """
 from __future__ import annotations
 
@@ -67,3 +69,279 @@ def wrap(tok):
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
+
+
+# ------------------------------------------------------------ BPE from scratch --
+#
+# The rest of this module is a byte-level BPE written out in full (in the spirit of Karpathy's minbpe), for the
+# tokenization chapter. It is checked in the tests against the `tokenizers` library that `train_tokenizer` uses:
+# built from the course tokenizer's vocabulary and merges, it gives the same ids.
+
+# GPT-2's pre-tokenizer (also the `tokenizers` ByteLevel pre-tokenizer's and tiktoken's "gpt2"): text is cut into
+# chunks (a word with its leading space, a number, a run of punctuation, whitespace) and BPE never merges across
+# chunks. \p{L} (any letter) and \p{N} (any digit) need the `regex` package: the standard `re` has no Unicode
+# classes. `regex` is a dependency of transformers, so it is installed wherever llmlab is.
+GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte alphabet: each of the 256 bytes as one printable character.
+
+    Printable Latin-1 bytes stand for themselves; the others (control bytes, the space, ...) are shifted to
+    chr(256 + n). That is why a `tokenizers` vocabulary writes " the" as "Ġthe" and a newline as "Ċ".
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, shifted = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+def _count_pairs(ids: list[int], counts: dict, weight: int = 1) -> dict:
+    """Add the adjacent pairs of ``ids`` to ``counts``, each ``weight`` times."""
+    for pair in zip(ids, ids[1:]):
+        counts[pair] = counts.get(pair, 0) + weight
+    return counts
+
+
+def _merge(ids: list[int], pair: tuple[int, int], new_id: int) -> list[int]:
+    """Replace every occurrence of ``pair`` in ``ids`` by ``new_id``, left to right."""
+    out, i = [], 0
+    while i < len(ids):
+        if i + 1 < len(ids) and ids[i] == pair[0] and ids[i + 1] == pair[1]:
+            out.append(new_id)
+            i += 2
+        else:
+            out.append(ids[i])
+            i += 1
+    return out
+
+
+def _check_texts(texts) -> list[str]:
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
+        raise TypeError(f"texts must be an iterable of strings, got {type(texts).__name__}")
+    texts = list(texts)
+    if not all(isinstance(t, str) for t in texts):
+        raise TypeError("texts must be an iterable of strings; found a " +
+                        next(type(t).__name__ for t in texts if not isinstance(t, str)))
+    return texts
+
+
+class BPE:
+    """A byte-level BPE tokenizer: GPT-2's pre-tokenizer, then merges applied by rank, like GPT-2 and tiktoken.
+
+    State, in plain dicts and a list: ``vocab`` maps every id to its bytes; ``merges`` maps a pair of ids to the
+    id they merge into, in rank order (first learned = applied first); ``special_tokens`` maps a string such as
+    ``"<|endoftext|>"`` to its id; ``byte_ids[b]`` is the id of the single byte ``b`` (``b`` itself after
+    ``train``, another number in a vocabulary built by ``from_tokenizers``). A fresh ``BPE()`` knows the 256
+    bytes only, so it encodes text as its UTF-8 bytes. Every string has an encoding: no unknown token, ever.
+    With ``cache`` (default) each distinct chunk is merged once and its ids remembered, as GPT-2's encoder and
+    `tokenizers` do; ``BPE(cache=False)`` (or setting ``.cache = False``) runs the merge loop every time.
+    """
+
+    def __init__(self, cache: bool = True):
+        import regex
+
+        if not isinstance(cache, bool):
+            raise TypeError(f"cache must be a bool, got {type(cache).__name__}")
+        self.cache = cache  # remember each chunk's ids (" the" is merged once, not every time it occurs)
+        self._split = regex.compile(GPT2_SPLIT_PATTERN)
+        self._clear()
+
+    def _clear(self):
+        """Back to the 256 bytes alone."""
+        self.byte_ids = list(range(256))
+        self.vocab = {b: bytes([b]) for b in range(256)}
+        self.merges: dict[tuple[int, int], int] = {}
+        self.special_tokens: dict[str, int] = {}
+        self._reset()
+
+    def _reset(self):
+        """After the merges change: their ranks, and an empty cache."""
+        self._ranks = {pair: rank for rank, pair in enumerate(self.merges)}
+        self._cache: dict[str, list[int]] = {}
+
+    def __repr__(self):
+        return (f"BPE(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
+                f"special_tokens={len(self.special_tokens)})")
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids: 256 bytes + merges + special tokens."""
+        return len(self.vocab)
+
+    # ---------------------------------------------------------------- training --
+
+    def train(self, texts: Iterable[str], vocab_size: int, special_tokens: Iterable[str] = ()) -> BPE:
+        """Learn merges from ``texts`` until the vocabulary has ``vocab_size`` ids (bytes, merges, specials).
+
+        Each text is cut around the special tokens, then into GPT-2 chunks; identical chunks are counted once
+        with their frequency. Each step merges the most frequent adjacent pair (ties: the pair of smallest
+        ids), as the `tokenizers` trainer does; training stops early when no pair is left, that is when every
+        chunk seen is a single token. Special tokens get the last ids. Replaces any earlier state; returns self.
+        """
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+            raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
+        texts = _check_texts(texts)
+        specials = self._check_specials(special_tokens)
+        if vocab_size < 256 + len(specials):
+            raise ValueError(f"vocab_size must be at least {256 + len(specials)} (256 bytes + "
+                             f"{len(specials)} special tokens), got {vocab_size}")
+
+        chunks: dict[str, int] = {}
+        for text in texts:
+            for part in self._split_specials(text, specials)[::2]:  # even parts: ordinary text
+                for chunk in self._split.findall(part):
+                    chunks[chunk] = chunks.get(chunk, 0) + 1
+        words = [(list(chunk.encode("utf-8")), n) for chunk, n in chunks.items()]
+
+        self._clear()
+        for new_id in range(256, vocab_size - len(specials)):
+            counts: dict[tuple[int, int], int] = {}
+            for ids, n in words:
+                _count_pairs(ids, counts, n)
+            if not counts:
+                break  # every chunk is one token: nothing left to merge
+            pair = max(counts, key=lambda p: (counts[p], -p[0], -p[1]))
+            words = [(_merge(ids, pair, new_id) if len(ids) > 1 else ids, n) for ids, n in words]
+            self.merges[pair] = new_id
+            self.vocab[new_id] = self.vocab[pair[0]] + self.vocab[pair[1]]
+        for s in specials:
+            self.special_tokens[s] = len(self.vocab)
+            self.vocab[len(self.vocab)] = s.encode("utf-8")
+        self._reset()
+        return self
+
+    @staticmethod
+    def _check_specials(special_tokens) -> list[str]:
+        if isinstance(special_tokens, (str, bytes)) or not isinstance(special_tokens, Iterable):
+            raise TypeError(f"special_tokens must be an iterable of strings, got {type(special_tokens).__name__}")
+        specials = list(special_tokens)
+        if not all(isinstance(s, str) and s for s in specials) or len(set(specials)) != len(specials):
+            raise ValueError(f"special_tokens must be distinct non-empty strings, got {specials!r}")
+        return specials
+
+    @staticmethod
+    def _split_specials(text: str, specials) -> list[str]:
+        """``[text, special, text, special, ..., text]``: the longest special wins where two start at one place."""
+        if not specials:
+            return [text]
+        import regex
+
+        alternatives = "|".join(regex.escape(s) for s in sorted(specials, key=len, reverse=True))
+        return regex.split(f"({alternatives})", text)
+
+    # ------------------------------------------------------ encoding, decoding --
+
+    def _encode_chunk(self, chunk: str) -> list[int]:
+        """One pre-tokenized chunk: its bytes, then the lowest-rank merge present, again and again."""
+        if chunk in self._cache:
+            return self._cache[chunk]
+        ids = [self.byte_ids[b] for b in chunk.encode("utf-8")]
+        while len(ids) > 1:
+            pair = min(zip(ids, ids[1:]), key=lambda p: self._ranks.get(p, len(self._ranks)))
+            if pair not in self._ranks:
+                break  # no merge applies any more
+            ids = _merge(ids, pair, self.merges[pair])
+        if self.cache and len(self._cache) < 100_000:  # a bound, so that memory stays bounded
+            self._cache[chunk] = ids
+        return ids
+
+    def encode(self, text: str, allowed_special="none") -> list[int]:
+        """Token ids of ``text``.
+
+        ``allowed_special`` says which special-token strings in ``text`` become their special id: ``"none"``
+        (the default: they are encoded as ordinary text, so user text cannot forge a control token), ``"all"``,
+        or a collection of special-token strings.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        if isinstance(allowed_special, str) and allowed_special in ("all", "none"):
+            allowed = list(self.special_tokens) if allowed_special == "all" else []
+        elif isinstance(allowed_special, (set, frozenset, list, tuple)):
+            allowed = list(allowed_special)
+            unknown = [s for s in allowed if s not in self.special_tokens]
+            if unknown:
+                raise ValueError(f"not special tokens of this tokenizer: {unknown!r}; "
+                                 f"it has {list(self.special_tokens)}")
+        else:
+            raise TypeError(f'allowed_special must be "all", "none" or a collection of special tokens, '
+                            f"got {allowed_special!r}")
+        ids = []
+        for i, part in enumerate(self._split_specials(text, allowed)):
+            if i % 2:
+                ids.append(self.special_tokens[part])
+            else:
+                for chunk in self._split.findall(part):
+                    ids.extend(self._encode_chunk(chunk))
+        return ids
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``: their bytes joined, then read as UTF-8 (a cut-off character becomes U+FFFD, "�")."""
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Iterable):
+            raise TypeError(f"ids must be an iterable of ints, got {type(ids).__name__}")
+        pieces = []
+        for i in ids:
+            if isinstance(i, bool) or not isinstance(i, int):
+                raise TypeError(f"ids must be ints, got a {type(i).__name__}")
+            if i not in self.vocab:
+                raise ValueError(f"id {i} is not in the vocabulary (0..{self.vocab_size - 1})")
+            pieces.append(self.vocab[i])
+        return b"".join(pieces).decode("utf-8", errors="replace")
+
+    # -------------------------------------------------- from the `tokenizers` library --
+
+    @classmethod
+    def from_tokenizers(cls, tok) -> BPE:
+        """The same tokenizer as ``tok``, a `tokenizers` byte-level BPE (a ``tokenizers.Tokenizer`` or a
+        transformers fast tokenizer such as the course model's): same ids, same merges, same special tokens.
+
+        The vocabulary is written in GPT-2's byte alphabet ("Ġthe"); ``bytes_to_unicode`` maps it back to bytes.
+        Only GPT-2-style tokenizers are accepted: a ByteLevel pre-tokenizer with GPT-2's regex and no prefix
+        space, no normalizer, and plain merges (no dropout, no ``ignore_merges``, no subword prefix or suffix).
+        """
+        import json
+
+        from tokenizers import Tokenizer
+
+        backend = getattr(tok, "backend_tokenizer", tok)
+        if not isinstance(backend, Tokenizer):
+            raise TypeError(f"tok must be a tokenizers.Tokenizer or a fast tokenizer, got {type(tok).__name__}")
+        spec = json.loads(backend.to_str())
+        model, pre = spec["model"], spec.get("pre_tokenizer") or {}
+        problems = [
+            model.get("type") != "BPE" and f"model type {model.get('type')}",
+            pre.get("type") != "ByteLevel" and f"pre-tokenizer {pre.get('type')} (not ByteLevel)",
+            pre.get("add_prefix_space") and "add_prefix_space=True",
+            pre.get("use_regex") is False and "use_regex=False",
+            spec.get("normalizer") and "a normalizer",
+            model.get("dropout") and "BPE dropout",
+            model.get("ignore_merges") and "ignore_merges=True",
+            (model.get("continuing_subword_prefix") or model.get("end_of_word_suffix")) and "a subword affix",
+            any(t["lstrip"] or t["rstrip"] or t["single_word"] for t in spec["added_tokens"])
+            and "an added token that strips spaces or matches single words",
+        ]
+        problems = [p for p in problems if p]
+        if problems:
+            raise ValueError(f"not a GPT-2-style byte-level BPE: {', '.join(problems)}")
+
+        to_byte = {c: b for b, c in bytes_to_unicode().items()}
+        vocab = model["vocab"]
+        missing = [b for b, c in bytes_to_unicode().items() if c not in vocab]
+        if missing:
+            raise ValueError(f"the vocabulary lacks {len(missing)} of the 256 bytes (e.g. byte {missing[0]})")
+        bpe = cls()
+        bpe.vocab = {i: bytes(to_byte[c] for c in s) for s, i in vocab.items()}
+        bpe.byte_ids = [vocab[c] for c in bytes_to_unicode().values()]
+        for merge in model["merges"]:  # [a, b] pairs, or "a b" strings in older files
+            a, b = merge.split(" ") if isinstance(merge, str) else merge
+            bpe.merges[(vocab[a], vocab[b])] = vocab[a + b]
+        for t in spec["added_tokens"]:
+            bpe.special_tokens[t["content"]] = t["id"]
+            bpe.vocab[t["id"]] = t["content"].encode("utf-8")
+        bpe._reset()
+        return bpe
