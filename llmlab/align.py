@@ -362,6 +362,15 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None = N
     return torch.stack(tokens, 1), torch.stack(alive, 1)
 
 
+def frozen_copy(model):
+    """A deep copy of ``model`` for a reference model. A trl/accelerate ``Trainer`` replaces ``model.forward`` with
+    a closure over the original model; ``copy.deepcopy`` keeps that closure, so the copy would still run the
+    original's weights. Dropping the instance attribute restores the class's ``forward`` on the copy."""
+    ref = copy.deepcopy(model)
+    ref.__dict__.pop("forward", None)
+    return ref
+
+
 class PPO:
     """RLHF with PPO on a causal LM: ``step(prompt_ids)`` does rollout -> rewards -> advantages -> updates.
 
@@ -379,7 +388,7 @@ class PPO:
         if not callable(reward_fn):
             raise TypeError(f"reward_fn must be callable, got {type(reward_fn).__name__}")
         self.model, self.reward_fn = model, reward_fn
-        self.ref_model = (copy.deepcopy(model) if ref_model is None else ref_model).eval().requires_grad_(False)
+        self.ref_model = (frozen_copy(model) if ref_model is None else ref_model).eval().requires_grad_(False)
         self.kl_coef, self.vf_coef = _number(kl_coef, "kl_coef", low_open=False), _number(vf_coef, "vf_coef")
         self.clip_range = _number(clip_range, "clip_range")
         self.clip_range_value = _number(clip_range_value, "clip_range_value")

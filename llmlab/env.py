@@ -46,7 +46,10 @@ PROFILES = {
                      "01_quantization": round(estimate_inference_memory(362e6, 32)
                                               + estimate_inference_memory(362e6, 16), 2),
                      # full fine-tuning in fp32 with AdamW: weights, gradients and two moments, 16 B a parameter
-                     "02_finetuning": round(estimate_training_memory(362e6).total / 1e9, 2)},
+                     "02_finetuning": round(estimate_training_memory(362e6).total / 1e9, 2),
+                     # the policy in training, plus the frozen reference and reward model beside it (16-bit)
+                     "03_alignment": round(estimate_training_memory(362e6).total / 1e9
+                                           + 2 * estimate_inference_memory(362e6, 16, overhead=0), 2)},
     ),
 }
 

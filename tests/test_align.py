@@ -505,3 +505,27 @@ def test_sequence_logprobs_rejects_bad_masks():
         A.sequence_logprobs(model, ids, ones[:, :3], labels)
     with pytest.raises(ValueError):
         A.sequence_logprobs(model, ids, ones * 2, labels)
+
+
+def test_frozen_copy_does_not_run_the_original_after_a_trainer_patched_forward():
+    """trl/accelerate replace ``model.forward`` with a closure over the model; a reference copy must not keep it."""
+    from llmlab.align import frozen_copy
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    original = model.forward
+
+    def forward(*args, **kwargs):  # accelerate wraps forward like this; deepcopy keeps functions as they are
+        return original(*args, **kwargs)
+
+    model.forward = forward
+    ids = torch.tensor([[1, 2, 3]])
+    naive, ref = copy.deepcopy(model), frozen_copy(model)
+    with torch.no_grad():
+        for m in (naive, ref):
+            for p in m.parameters():
+                p.add_(1.0)
+        assert torch.equal(naive(ids).logits, model(ids).logits)  # the trap: deepcopy runs the original
+        assert not torch.allclose(ref(ids).logits, model(ids).logits)
