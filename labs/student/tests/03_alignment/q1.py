@@ -1,0 +1,9 @@
+OK_FORMAT = True
+
+test = {   'name': 'q1',
+    'points': 1,
+    'suites': [   {   'cases': [{'code': '>>> assert abs(bt_loss(torch.zeros(4), torch.zeros(4)).item() - np.log(2)) < 1e-06\n', 'hidden': False, 'locked': False}],
+                      'scored': True,
+                      'setup': '',
+                      'teardown': '',
+                      'type': 'doctest'}]}
