@@ -21,18 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmlab.transformer import SwiGLU, parameter_count
+from llmlab.transformer import SwiGLU, _int, parameter_count  # _int: the same integer check
 
 
 # ------------------------------------------------------------------ checks --
-
-def _int(v, name, minimum=1):
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
-    return v
-
 
 def _tensor(x, name="x"):
     if not isinstance(x, torch.Tensor):
