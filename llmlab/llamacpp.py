@@ -154,13 +154,21 @@ def load(path, n_ctx: int = 512, threads: int | None = None, kv_cache: str = "f1
                            type_k=KV_CACHE_TYPES[kv_cache], type_v=KV_CACHE_TYPES[kv_cache])
 
 
+def _llm(llm):
+    llama_cpp = _llama_cpp()
+    if not isinstance(llm, llama_cpp.Llama):
+        raise TypeError(f"expected a llama_cpp.Llama (llmlab.llamacpp.load), got {type(llm).__name__}")
+    return llm
+
+
 def weights_bytes(llm) -> int:
     """Bytes of the model's tensors as llama.cpp holds them (``llama_model_size``)."""
-    return int(_llama_cpp().llama_model_size(llm.model))
+    return int(_llama_cpp().llama_model_size(_llm(llm).model))
 
 
 def logits(llm, ids) -> "numpy.ndarray":  # noqa: F821
     """Logits (len(ids), vocab) for every position of ``ids``, computed from an empty context."""
+    _llm(llm)
     ids = [int(i) for i in ids]
     if not ids:
         raise ValueError("ids must not be empty")
@@ -206,6 +214,7 @@ def greedy(llm, ids, max_new_tokens: int, stop=None) -> list[int]:
     never, which is how the speed tables time exactly ``max_new_tokens`` tokens)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    _llm(llm)
     ids = [int(i) for i in ids]
     if not ids:
         raise ValueError("ids must not be empty")

@@ -114,6 +114,9 @@ def test_bad_input(tmp_path, gguf, llm_f32, hf):
         llamacpp.generate(llm_f32, hf[1], ["a"], 0)
     with pytest.raises(ValueError, match="must not be empty"):
         llamacpp.greedy(llm_f32, [], 4)
+    for fn in (llamacpp.weights_bytes, lambda m: llamacpp.logits(m, [1]), lambda m: llamacpp.greedy(m, [1], 2)):
+        with pytest.raises(TypeError, match="llama_cpp.Llama"):
+            fn(hf[0])
 
 
 def test_greedy_runs_to_length_and_matches_hf(llm_f32, hf):
