@@ -130,9 +130,8 @@ def test_trainable_parameters_match_peft_and_the_formula(tiny):
         assert sum(p.numel() for p in ours.parameters()) == theirs.get_nb_trainable_parameters()[1]
 
 
-def test_gradients_reach_only_the_adapters_and_match_peft(tiny):
-    ours, theirs = _pair(tiny, 4, 8, ALL)
-    ids = _ids(seed=3)
+def _backward_and_compare_adapter_grads(ours, theirs, ids):
+    """One backward pass through both models; every adapter of ours gets a non-zero gradient equal to peft's."""
     for model in (ours, theirs):
         model.train()
         model(ids, labels=ids).loss.backward()
@@ -140,10 +139,19 @@ def test_gradients_reach_only_the_adapters_and_match_peft(tiny):
         if name.endswith((".lora_A", ".lora_B")):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
             peft_name = name.replace(".lora_A", ".lora_A.default.weight").replace(".lora_B", ".lora_B.default.weight")
-            ref = theirs.base_model.model.get_parameter(peft_name).grad
-            torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-7)
-        else:
-            assert not p.requires_grad and p.grad is None, name
+            torch.testing.assert_close(p.grad, theirs.base_model.model.get_parameter(peft_name).grad,
+                                       rtol=1e-4, atol=1e-7)
+
+
+def _frozen(model):
+    return [(n, p) for n, p in model.named_parameters() if not n.endswith((".lora_A", ".lora_B"))]
+
+
+def test_gradients_reach_only_the_adapters_and_match_peft(tiny):
+    ours, theirs = _pair(tiny, 4, 8, ALL)
+    _backward_and_compare_adapter_grads(ours, theirs, _ids(seed=3))
+    for name, p in _frozen(ours):
+        assert not p.requires_grad and p.grad is None, name
 
 
 def test_dropout_matches_peft_in_training_and_is_off_in_eval(tiny):
@@ -313,17 +321,9 @@ def test_qlora_matches_peft_over_linear4bit(tiny_4bit, tiny):
 def test_qlora_backward_trains_only_the_adapters(tiny_4bit):
     ours, theirs = _pair(tiny_4bit, 4, 8, ("q_proj", "v_proj", "down_proj"))
     ids = _ids(seed=9)
-    for model in (ours, theirs):
-        model.train()
-        model(ids, labels=ids).loss.backward()
-    for name, p in ours.named_parameters():
-        if name.endswith((".lora_A", ".lora_B")):
-            assert p.grad is not None and p.grad.abs().sum() > 0, name
-            peft_name = name.replace(".lora_A", ".lora_A.default.weight").replace(".lora_B", ".lora_B.default.weight")
-            torch.testing.assert_close(p.grad, theirs.base_model.model.get_parameter(peft_name).grad,
-                                       rtol=1e-4, atol=1e-7)
-        else:
-            assert p.grad is None, name
+    _backward_and_compare_adapter_grads(ours, theirs, ids)
+    for name, p in _frozen(ours):
+        assert p.grad is None, name
     # one optimizer step on the adapters moves the loss
     opt = torch.optim.SGD(list(_trainable(ours).values()), lr=0.5)
     before = ours(ids, labels=ids).loss.item()
