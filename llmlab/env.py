@@ -138,6 +138,8 @@ def setup(seed: int = 0, threads: int | None = None, profile: str | None = None,
     # registers: noise about GPU kernels, on every import, on a CPU.
     logging.getLogger("torchao").setLevel(logging.ERROR)
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    if not has_cuda():  # deepspeed (installed for the scaling-out chapter) otherwise logs a timestamped
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # warning when trl or accelerate first import it
     if p.name == "cpu":
         if threads is None:
             threads = 1
