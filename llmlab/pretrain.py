@@ -258,3 +258,200 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The pretraining chapter's pieces, one at a time: the loss by hand, the training step that ``train`` runs, a
+# checkpoint that resumes exactly, gradient clipping, dynamic loss scaling for fp16 and an FP8 round trip. The
+# tests check each against the library it explains (transformers' loss, torch's clip_grad_norm_, GradScaler).
+
+def _check_model(model):
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
+def _check_recipe(r):
+    if not isinstance(r, Recipe):
+        raise TypeError(f"r must be a llmlab.pretrain.Recipe, got {type(r).__name__}")
+
+
+def next_token_loss(logits: torch.Tensor, input_ids: torch.Tensor, ignore_index: int = -100,
+                    reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of each position's logits against the *next* token: -log softmax(logits[t])[ids[t+1]],
+    averaged (or summed) over positions whose target is not ``ignore_index``. Chapter: Pretraining."""
+    if not isinstance(logits, torch.Tensor) or not isinstance(input_ids, torch.Tensor):
+        raise TypeError("logits and input_ids must be tensors")
+    if logits.dim() != 3 or input_ids.shape != logits.shape[:2]:
+        raise ValueError(f"logits must be (batch, seq, vocab) and input_ids (batch, seq); got "
+                         f"{tuple(logits.shape)} and {tuple(input_ids.shape)}")
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    logp = logits[:, :-1].float().log_softmax(-1)
+    targets = input_ids[:, 1:]
+    keep = targets != ignore_index
+    picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    total = -(picked * keep).sum()
+    return total if reduction == "sum" else total / keep.sum().clamp(min=1)
+
+
+def init_model(r: Recipe, tokenizer):
+    """The freshly initialised Llama ``train`` starts from (seeded the same way). Chapter: Pretraining."""
+    from transformers import LlamaForCausalLM
+
+    from llmlab.env import set_seed
+
+    _check_recipe(r)
+    set_seed(r.seed, threads=r.threads)
+    return LlamaForCausalLM(llama_config(r, tokenizer))
+
+
+def make_optimizer(model, r: Recipe):
+    """AdamW as in ``train``: weight decay on matrices only, betas (0.9, 0.95). Chapter: Pretraining."""
+    _check_model(model)
+    _check_recipe(r)
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=r.lr, betas=(0.9, 0.95))
+
+
+def train_step(model, optimizer, rows: torch.Tensor, step: int, r: Recipe, generator: torch.Generator) -> float:
+    """One step of ``train``'s loop, the same operations in the same order: draw a batch with ``generator``, set
+    the learning rate to ``lr_at(step)``, forward, backward, clip to norm 1, AdamW. Returns the loss.
+    Chapter: Pretraining."""
+    _check_model(model)
+    _check_recipe(r)
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise ValueError(f"step must be a non-negative int, got {step!r}")
+    model.train()
+    x = rows[torch.randint(len(rows), (r.batch_size,), generator=generator)]
+    for g in optimizer.param_groups:
+        g["lr"] = lr_at(step, r)
+    loss = model(input_ids=x, labels=x).loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.item()
+
+
+def save_checkpoint(path, model, optimizer, step: int, generator: torch.Generator) -> Path:
+    """Everything a run needs to continue as if never stopped: weights, optimizer moments, the step (the
+    learning-rate schedule is a function of it), the data sampler's generator and torch's global RNG state.
+    Chapter: Pretraining."""
+    _check_model(model)
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    path = Path(path)
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": int(step),
+                "generator": generator.get_state(), "torch_rng": torch.get_rng_state()}, path)
+    return path
+
+
+def load_checkpoint(path, model, optimizer, generator: torch.Generator) -> int:
+    """Restore what ``save_checkpoint`` wrote into ``model``, ``optimizer`` and ``generator``; return the step.
+    Chapter: Pretraining."""
+    _check_model(model)
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no checkpoint at {path}")
+    state = torch.load(path, weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return state["step"]
+
+
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """Scale all gradients by min(1, max_norm / (total_norm + 1e-6)), total_norm the L2 norm of all of them
+    together; return total_norm. What ``torch.nn.utils.clip_grad_norm_`` does. Chapter: Pretraining."""
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
+        raise ValueError(f"max_norm must be a positive number, got {max_norm!r}")
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        raise ValueError("no parameter has a gradient")
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef)
+    return total
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16, from scratch (what ``torch.amp.GradScaler`` does). Multiply the loss by
+    ``scale`` so small gradients do not underflow fp16; divide the gradients by it before the step; if any is
+    inf or nan, skip the step and halve the scale; after ``growth_interval`` good steps in a row, double it.
+    Chapter: Pretraining."""
+
+    def __init__(self, init_scale: float = 2.0 ** 16, growth_factor: float = 2.0, backoff_factor: float = 0.5,
+                 growth_interval: int = 2000):
+        for name, v in (("init_scale", init_scale), ("growth_factor", growth_factor)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise ValueError(f"{name} must be positive, got {v!r}")
+        if not 0 < backoff_factor < 1:
+            raise ValueError(f"backoff_factor must be in (0, 1), got {backoff_factor!r}")
+        if isinstance(growth_interval, bool) or not isinstance(growth_interval, int) or growth_interval < 1:
+            raise ValueError(f"growth_interval must be a positive int, got {growth_interval!r}")
+        self.scale_value = float(init_scale)
+        self.growth_factor, self.backoff_factor, self.growth_interval = growth_factor, backoff_factor, growth_interval
+        self.good_steps = 0
+        self.found_inf = False
+        self.skipped = 0
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale_value
+
+    def unscale_(self, optimizer) -> bool:
+        """Divide every gradient by the scale (in fp32, exact for powers of two); record whether any is inf/nan."""
+        inv = torch.tensor(self.scale_value, dtype=torch.float64).reciprocal().float()
+        self.found_inf = False
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    if not torch.isfinite(p.grad).all():
+                        self.found_inf = True
+                    p.grad.mul_(inv)
+        return self.found_inf
+
+    def step(self, optimizer) -> bool:
+        """Unscale and step; skip the step if a gradient overflowed. Returns whether the step was taken."""
+        self.unscale_(optimizer)
+        if self.found_inf:
+            self.skipped += 1
+            return False
+        optimizer.step()
+        return True
+
+    def update(self) -> None:
+        if self.found_inf:
+            self.scale_value *= self.backoff_factor
+            self.good_steps = 0
+        else:
+            self.good_steps += 1
+            if self.good_steps == self.growth_interval:
+                self.scale_value *= self.growth_factor
+                self.good_steps = 0
+
+
+FP8_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
+
+
+def fp8_roundtrip(x: torch.Tensor, fmt: str = "e4m3", scaled: bool = True) -> torch.Tensor:
+    """``x`` cast to FP8 and back to its dtype. With ``scaled``, per-tensor scaling as FP8 training recipes do:
+    multiply by (largest FP8 value / max |x|) before the cast, divide after, so the tensor uses the format's whole
+    range. Values beyond the range saturate to its largest value rather than overflow. Chapter: Pretraining."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError("x must be a floating-point tensor")
+    if fmt not in FP8_FORMATS:
+        raise ValueError(f"fmt must be one of {sorted(FP8_FORMATS)}, got {fmt!r}")
+    dtype = FP8_FORMATS[fmt]
+    fmax = torch.finfo(dtype).max
+    xf = x.float()
+    scale = fmax / xf.abs().max().clamp(min=1e-12) if scaled else torch.tensor(1.0)
+    q = (xf * scale).clamp(-fmax, fmax).to(dtype)
+    return (q.float() / scale).to(x.dtype)
