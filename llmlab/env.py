@@ -49,7 +49,11 @@ PROFILES = {
                      "02_finetuning": round(estimate_training_memory(362e6).total / 1e9, 2),
                      # the policy in training, plus the frozen reference and reward model beside it (16-bit)
                      "03_alignment": round(estimate_training_memory(362e6).total / 1e9
-                                           + 2 * estimate_inference_memory(362e6, 16, overhead=0), 2)},
+                                           + 2 * estimate_inference_memory(362e6, 16, overhead=0), 2),
+                     # the fp32 reference in PyTorch, plus one 16-bit copy in the engine being measured (vLLM is
+                     # also told to take at most 40 % of the GPU for its weights and paged KV cache)
+                     "04_inference_backends": round(estimate_inference_memory(362e6, 32)
+                                                    + estimate_inference_memory(362e6, 16), 2)},
     ),
 }
 
