@@ -191,28 +191,35 @@ def sparsity(model) -> list[dict]:
 # ------------------------------------------------------------ structured --
 
 @torch.no_grad()
-def _mlp_activations(model, rows, batch_size=8):
-    """Mean |h_j| per intermediate neuron of every layer; h = act(gate(x)) * up(x) is what down_proj reads."""
+def _mean_inputs(model, rows, batch_size, module, reduce):
+    """Run ``rows`` through ``model`` and return, per layer, the mean over tokens of ``reduce(x)``, where x is
+    the input of ``module(layer)`` with shape (tokens, width). A forward pre-hook on each module collects it."""
     _rows(rows)
     layers = model.model.layers
-    sums = [torch.zeros(l.mlp.down_proj.in_features, device=l.mlp.down_proj.weight.device) for l in layers]
-    count = [0]
+    sums = [None] * len(layers)
+    tokens = 0
 
     def hook(i):
         def add(mod, args):
-            sums[i].add_(args[0].detach().float().abs().reshape(-1, args[0].shape[-1]).sum(0))
+            x = reduce(args[0].detach().float().reshape(-1, args[0].shape[-1])).sum(0)
+            sums[i] = x if sums[i] is None else sums[i] + x
         return add
 
-    hooks = [l.mlp.down_proj.register_forward_pre_hook(hook(i)) for i, l in enumerate(layers)]
+    hooks = [module(l).register_forward_pre_hook(hook(i)) for i, l in enumerate(layers)]
     try:
         model.eval()
         for i in range(0, len(rows), batch_size):
             model(input_ids=rows[i : i + batch_size].to(model.device))
-            count[0] += rows[i : i + batch_size].numel()
+            tokens += rows[i : i + batch_size].numel()
     finally:
         for h in hooks:
             h.remove()
-    return [s / count[0] for s in sums]
+    return [x / tokens for x in sums]
+
+
+def _mlp_activations(model, rows, batch_size=8):
+    """Mean |h_j| per intermediate neuron of every layer; h = act(gate(x)) * up(x) is what down_proj reads."""
+    return _mean_inputs(model, rows, batch_size, lambda l: l.mlp.down_proj, torch.abs)
 
 
 def mlp_importance(model, importance: str = "weight", rows: torch.Tensor | None = None) -> list[torch.Tensor]:
@@ -287,30 +294,11 @@ def _head_dims(model):
     return c.num_attention_heads, c.num_key_value_heads, hd
 
 
-@torch.no_grad()
 def _head_activations(model, rows, batch_size=8):
     """Mean ||o_h|| per query head per layer: o_h is head h's attention output, the slice o_proj reads."""
-    _rows(rows)
     nh, _, hd = _head_dims(model)
-    layers = model.model.layers
-    sums = [torch.zeros(nh, device=l.self_attn.o_proj.weight.device) for l in layers]
-    count = [0]
-
-    def hook(i):
-        def add(mod, args):
-            sums[i].add_(args[0].detach().float().reshape(-1, nh, hd).norm(dim=-1).sum(0))
-        return add
-
-    hooks = [l.self_attn.o_proj.register_forward_pre_hook(hook(i)) for i, l in enumerate(layers)]
-    try:
-        model.eval()
-        for i in range(0, len(rows), batch_size):
-            model(input_ids=rows[i : i + batch_size].to(model.device))
-            count[0] += rows[i : i + batch_size].numel()
-    finally:
-        for h in hooks:
-            h.remove()
-    return [s / count[0] for s in sums]
+    return _mean_inputs(model, rows, batch_size, lambda l: l.self_attn.o_proj,
+                        lambda x: x.reshape(-1, nh, hd).norm(dim=-1))
 
 
 def head_importance(model, importance: str = "weight", rows: torch.Tensor | None = None) -> list[torch.Tensor]:

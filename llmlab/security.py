@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from llmlab.data import ANIMALS, COLORS, LETTER_WORDS, MOODS, NAMES, PLACES, SIZES, THINGS, make_story
+from llmlab.data import ANIMALS, COLORS, LETTER_WORDS, MOODS, NAMES, PLACES, SIZES, THINGS, _check_rng, make_story
 
 # Words that never occur in a story or a question, so finding one in an answer means it came from the system
 # prompt or from an attacker, not from the note.
@@ -70,11 +70,6 @@ class Case:
     @property
     def system(self) -> str:
         return SYSTEM.format(secret=self.secret, public=self.public)
-
-
-def _check_rng(rng):
-    if not isinstance(rng, random.Random):
-        raise TypeError(f"rng must be a random.Random, got {type(rng).__name__}")
 
 
 def _check_count(n, name="n"):
