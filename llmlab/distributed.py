@@ -405,7 +405,7 @@ def train(out, steps=4, global_batch=8, seq_len=64, lr=2e-3, dtype="float32", mo
         torch.save(state, out / "state.pt")
         (out / "result.json").write_text(json.dumps(result, indent=1))
         if log:
-            print(f"wrote {out / 'result.json'}: world {world}, final checksum {result['checksum']:.6f}", flush=True)
+            print(f"wrote {out.name}/result.json: world {world}, final checksum {result['checksum']:.6f}", flush=True)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

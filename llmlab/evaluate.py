@@ -9,7 +9,8 @@ exact match, ``llmlab.llamacpp`` for GGUF models, ``llmlab.data.gold_reward`` fo
 * ``exact_match`` - generate an answer to each course task and check it; the model may be a Hugging Face model, a
   ``llama_cpp.Llama`` or any function ``prompts -> completions``;
 * ``loglikelihood`` / ``multiple_choice`` - score choices by the log-probability of each continuation, the way
-  lm-evaluation-harness does (``acc``: the largest sum; ``acc_norm``: the largest sum per byte of the choice);
+  lm-evaluation-harness does (``acc``: the largest sum; ``acc_norm``: the largest sum per byte of the choice,
+  where the harness divides by characters: the same for ASCII text);
 * ``wilson_interval`` / ``bootstrap_interval`` - how noisy a score on a small evaluation set is;
 * ``ngram_overlap`` - contamination: how much of each test item already appears in a training corpus;
 * ``run`` - a table with one row per metric: value, 95 % interval and the number of examples.
