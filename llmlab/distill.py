@@ -24,6 +24,8 @@ from numbers import Real
 import torch
 import torch.nn.functional as F
 
+from llmlab.transformer import _int  # the argument checks the from-scratch Llama uses
+
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 LOSSES = ("forward_kl", "reverse_kl", "jsd")
 
@@ -47,14 +49,6 @@ def _real(v, name, low, high, low_open=False):
     if not (low < v if low_open else low <= v) or v > high or math.isnan(v):
         raise ValueError(f"{name} must be in {'(' if low_open else '['}{low}, {high}], got {v}")
     return float(v)
-
-
-def _int(v, name, minimum=1):
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
-    return v
 
 
 def _reduce(per_token, labels, reduction):

@@ -10,35 +10,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
-from numbers import Real
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from llmlab.memory import _number
+from llmlab.transformer import _int
+
 GB = 1e9
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")  # fsdp (FULL_SHARD) shards what ZeRO-3 shards
-
-
-def _int(v, name, minimum=1):
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
-    return v
-
-
-def _number(x, name, positive=True):
-    if isinstance(x, bool) or not isinstance(x, Real):
-        raise TypeError(f"{name} must be a number, got {type(x).__name__}")
-    if not math.isfinite(x) or x < 0 or (positive and x == 0):
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'}, got {x}")
-    return x
 
 
 # ------------------------------------------------------------------ memory: model states per GPU --

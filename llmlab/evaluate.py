@@ -29,17 +29,12 @@ from numbers import Real
 
 import torch
 
+from llmlab.infer import _count
+
 SUITES = ("perplexity", "exact_match", "multiple_choice")
 
 
 # ------------------------------------------------------------------ checks --
-
-def _count(v, name, minimum=1):
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-    if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
-    return v
 
 
 def _confidence(confidence):

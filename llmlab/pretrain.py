@@ -112,10 +112,7 @@ def train(r: Recipe = Recipe(), tokenizer=None, log_every: int = 50, eval_every:
     val = validation_rows(tokenizer, r)
     model = LlamaForCausalLM(llama_config(r, tokenizer))
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": r.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=r.lr, betas=(0.9, 0.95))
+    opt = make_optimizer(model, r)
     gen = torch.Generator().manual_seed(r.seed)
     history = {"step": [], "train_loss": [], "val_step": [], "val_loss": []}
     bar = None
@@ -125,20 +122,11 @@ def train(r: Recipe = Recipe(), tokenizer=None, log_every: int = 50, eval_every:
     t0 = time.perf_counter()
     running = None
     for step in range(r.steps):
-        model.train()
-        idx = torch.randint(len(rows), (r.batch_size,), generator=gen)
-        x = rows[idx]
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, r)
-        loss = model(input_ids=x, labels=x).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+        loss = train_step(model, opt, rows, step, r, gen)
+        running = loss if running is None else 0.9 * running + 0.1 * loss
         if step % log_every == 0 or step == r.steps - 1:
             history["step"].append(step)
-            history["train_loss"].append(loss.item())
+            history["train_loss"].append(loss)
         if (step + 1) % eval_every == 0 or step == r.steps - 1:
             history["val_step"].append(step + 1)
             history["val_loss"].append(evaluate(model, val))
@@ -316,7 +304,7 @@ def make_optimizer(model, r: Recipe):
 
 
 def train_step(model, optimizer, rows: torch.Tensor, step: int, r: Recipe, generator: torch.Generator) -> float:
-    """One step of ``train``'s loop, the same operations in the same order: draw a batch with ``generator``, set
+    """One step of ``train``'s loop (``train`` calls it): draw a batch with ``generator``, set
     the learning rate to ``lr_at(step)``, forward, backward, clip to norm 1, AdamW. Returns the loss.
     Chapter: Pretraining."""
     _check_model(model)
