@@ -22,9 +22,17 @@ SUBMISSIONS ?=
 TIMEOUT ?= 600
 # pytest workers: each notebook runs on one thread in one worker (--dist loadfile keeps a notebook's cells together)
 TEST_JOBS ?= 2
-PYTEST_NB := --nbval --sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=600
+# nbval with the sanitize file, and the tags for outputs that depend on the CPU (tests/nbval_portable.py)
+PYTEST_NB := --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=600 -p tests.nbval_portable
+# PyTorch's CPU kernels. Empty: this machine's own (AVX-512, AVX2 or NEON). `default` or `avx2`: round as another
+# CPU does (PyTorch's portable or AVX2 kernels; oneDNN and MKL capped at AVX2). `make test-cpus` is
+# `make test CPU=default`, what CI runs: the outputs stored on one machine checked against another's rounding.
+CPU ?=
+CPU_ENV := $(if $(CPU),ATEN_CPU_CAPABILITY=$(CPU) ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2,)
+# Each cell whose output moved from the stored one is logged here; the run ends with the per-notebook table.
+CPU_REPORT := _build/cpu-report
 
-.PHONY: book test execute assign grade lock canary doctor clean chromium venv
+.PHONY: book test test-cpus execute assign grade lock canary doctor clean chromium venv
 
 venv: $(STAMP)
 
@@ -60,8 +68,13 @@ chromium:
 	else echo "missing: chromium for the browser check; install it (Debian/Ubuntu: sudo apt-get install chromium)"; exit 1; fi
 
 test: book chromium
-	CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest tests $(NOTEBOOKS) $(PYTEST_NB) -p tests.timing_table -q -rs \
-	  -n $(TEST_JOBS) --dist loadfile
+	rm -rf $(CPU_REPORT)
+	$(CPU_ENV) LLMLAB_NBVAL_REPORT=$(CPU_REPORT) CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest tests $(NOTEBOOKS) \
+	  $(PYTEST_NB) -p tests.timing_table -q -rs -n $(TEST_JOBS) --dist loadfile
+
+# `make test` as on another CPU: PyTorch's portable kernels instead of this machine's vector ones.
+test-cpus:
+	$(MAKE) test CPU=default
 
 # Re-run every notebook with the cpu profile and store its outputs (what the site shows and nbval compares),
 # then refresh the student versions of the labs from the re-executed masters.
@@ -93,7 +106,8 @@ canary:
 	.venv-canary/bin/python -m pip install -q $(TORCH_PIP_ARGS) "$$(grep '^torch==' constraints.txt)"
 	.venv-canary/bin/python -m pip install -q --upgrade -e ".[labs,dev,grading]" transformers trl peft bitsandbytes datasets
 	.venv-canary/bin/python -m pip list 2>/dev/null | grep -iE '^(transformers|trl|peft|bitsandbytes|datasets) '
-	.venv-canary/bin/python -m pytest tests $(NOTEBOOKS) --nbval-lax -p tests.timing_table -q -rs -m "not site"
+	.venv-canary/bin/python -m pytest tests $(NOTEBOOKS) --nbval-lax -p tests.nbval_portable -p tests.timing_table -q -rs \
+	  -m "not site"
 
 doctor: $(STAMP)
 	$(BIN)/llmlab doctor

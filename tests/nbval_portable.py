@@ -1,0 +1,202 @@
+"""pytest plugin (``-p tests.nbval_portable``): notebook outputs compared the same way on every CPU.
+
+nbval compares a cell's new output with the stored one character for character. That is right for what cannot
+depend on the hardware (ids, counts, shapes, strings, exact matches), and wrong for floating-point results:
+PyTorch picks its kernels by CPU (AVX-512, AVX2, Arm NEON, or ``ATEN_CPU_CAPABILITY``), so sums round
+differently in their last digits, and a training run that rounds differently drifts. A cell whose printed
+numbers depend on the CPU carries one of two tags, and asserts the claim its prose makes in its own code,
+with a tolerance (a planted change that breaks the claim fails the cell):
+
+- ``nbval-mask-floats``: every decimal number (``0.173``, ``-2.5``, ``3.6e-07``, ``1e-05``, ``nan``) is
+  replaced by ``FLOAT`` in both outputs before nbval compares them. Integers, words, column names, the number
+  of lines and which outputs exist (a table, a figure) are still compared exactly.
+- ``nbval-mask-numbers``: the same for every number, integers too, for counts a training run's drift moves
+  (correct answers out of 64, the step a curve crosses a line).
+
+In both, runs of spaces and tabs become one space, since a number's width moves a table's column alignment.
+Cells whose whole output depends on the CPU (text sampled from a trained model, timings) keep nbval's own
+``nbval-ignore-output`` and assert their claims the same way.
+"""
+import re
+
+MASK_FLOATS = "nbval-mask-floats"
+MASK_NUMBERS = "nbval-mask-numbers"
+TAGS = (MASK_FLOATS, MASK_NUMBERS)
+
+# A decimal number: 0.173, .5, -2.5, 3.6e-07, 1e-05, 1.2E+03; nan and inf as words (a loss can overflow on
+# one CPU and not on another). Not the digits inside a word (h100, x86_64), nor a version (2.13.0).
+_DECIMAL = r"(?:\d+\.\d+|\.\d+)(?:[eE][-+]?\d+)?|\d+[eE][-+]?\d+"
+_INTEGER = r"\d{1,3}(?:,\d{3})+(?!\d)|\d+"  # with thousands separators: 3,410,176
+_NOT_IN_A_WORD = r"(?<![\w.])[-+]?(?:{})(?![\w.]*\d)"
+_NAN_INF = r"|(?<![\w.])[-+]?(?:nan|inf)(?!\w)"
+_FLOAT = re.compile(_NOT_IN_A_WORD.format(_DECIMAL) + _NAN_INF, re.IGNORECASE)
+_NUMBER = re.compile(_NOT_IN_A_WORD.format(f"{_DECIMAL}|{_INTEGER}") + _NAN_INF, re.IGNORECASE)
+_SPACES = re.compile(r"[ \t]+")
+
+
+def mask_floats(text: str) -> str:
+    """``text`` with every decimal number replaced by ``FLOAT`` and runs of spaces made one."""
+    return _SPACES.sub(" ", _FLOAT.sub("FLOAT", text))
+
+
+def mask_numbers(text: str) -> str:
+    """``text`` with every number, integers too, replaced by ``NUM`` and runs of spaces made one."""
+    return _SPACES.sub(" ", _NUMBER.sub("NUM", text))
+
+
+def pytest_configure(config):
+    try:
+        from nbval.plugin import IPyNbCell
+    except ImportError:  # nbval not installed: nothing to extend
+        return
+    if hasattr(IPyNbCell, "_nbval_sanitize"):
+        return
+    IPyNbCell._nbval_sanitize = IPyNbCell.sanitize
+    IPyNbCell._nbval_compare_outputs = IPyNbCell.compare_outputs
+
+    def sanitize(self, s):
+        """nbval's sanitize (the --nbval-sanitize-with patterns), then this cell's mask."""
+        s = self._nbval_sanitize(s)
+        if not isinstance(s, str):
+            return s
+        tags = self.cell.metadata.get("tags", [])
+        if MASK_NUMBERS in tags:
+            return mask_numbers(s)
+        if MASK_FLOATS in tags:
+            return mask_floats(s)
+        return s
+
+    def compare_outputs(self, test, ref, skip_compare=None):
+        passed = self._nbval_compare_outputs(test, ref, skip_compare)
+        _record(self, test, ref, passed)
+        return passed
+
+    IPyNbCell.sanitize = sanitize
+    IPyNbCell.compare_outputs = compare_outputs
+
+
+# ------------------------------------------------------------------------------------------ the report --
+# With LLMLAB_NBVAL_REPORT=<folder>, every compared cell whose output moved is written there (one JSON line per
+# cell): how it moved (numbers only, or its text too), the largest relative change among its numbers, and
+# whether nbval passed it. `python -m tests.nbval_portable <folder>...` prints the per-notebook table, largest
+# first (the How to run page's "what differs between CPUs" comes from it: `make test-cpus`).
+
+def _comparable_texts(outputs):
+    """The text nbval compares for a cell (streams by name, and each text MIME type), before masking."""
+    texts = []
+    for out in outputs:
+        if out.get("output_type") == "stream":
+            texts.append(f"[{out.get('name')}] {out.get('text', '')}")
+        for mime, value in sorted((out.get("data") or {}).items()):  # stored and new order differ
+            if mime.startswith("text/") and isinstance(value, str):
+                texts.append(f"[{mime}] {value}")
+    return texts
+
+
+def _numbers(text):
+    values = []
+    for m in _NUMBER.finditer(text):
+        try:
+            values.append(float(m.group(0).replace(",", "")))
+        except ValueError:
+            pass
+    return values
+
+
+def describe_change(reference: str, test: str) -> dict:
+    """How ``test`` differs from ``reference``: ``same``, ``numbers`` (only numbers moved; with the largest
+    relative and absolute change) or ``text`` (words, lines or the count of numbers changed too)."""
+    if reference == test:
+        return {"change": "same"}
+    if mask_numbers(reference) != mask_numbers(test):
+        return {"change": "text"}
+    worst = {"change": "numbers", "max_rel": 0.0, "max_abs": 0.0}
+    for a, b in zip(_numbers(reference), _numbers(test)):
+        if a == b or a != a or b != b:
+            continue
+        rel = abs(a - b) / max(abs(a), abs(b))
+        if rel > worst["max_rel"]:
+            worst.update(max_rel=rel, max_abs=abs(a - b), reference=a, test=b)
+    return worst
+
+
+def _record(cell, test, ref, passed):
+    import json
+    import os
+
+    folder = os.environ.get("LLMLAB_NBVAL_REPORT")
+    if not folder:
+        return
+    ref_text = "\n".join(_comparable_texts(ref))
+    test_text = "\n".join(_comparable_texts(test))
+    sanitize = type(cell)._nbval_sanitize
+    change = describe_change(sanitize(cell, ref_text), sanitize(cell, test_text))
+    if change["change"] == "same":
+        return
+    tags = [t for t in cell.cell.metadata.get("tags", []) if t.startswith("nbval")]
+    row = {"notebook": str(cell.fspath.relto(cell.config.rootdir)), "cell": cell.cell_num, "tags": tags,
+           "passed": bool(passed), **change}
+    os.makedirs(folder, exist_ok=True)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    with open(os.path.join(folder, f"{worker}.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The per-notebook table of what moved, on the controller (xdist workers only write their lines)."""
+    import os
+
+    folder = os.environ.get("LLMLAB_NBVAL_REPORT")
+    if not folder or hasattr(config, "workerinput") or not os.path.isdir(folder):
+        return
+    import torch
+
+    tr = terminalreporter
+    tr.section(f"notebook outputs that moved on this CPU (PyTorch kernels: {torch.backends.cpu.get_cpu_capability()})")
+    for line in format_report(report([folder])):
+        tr.write_line(line)
+
+
+def format_report(rows) -> list[str]:
+    lines = [f"{'notebook':<50} {'moved':>5} {'text':>4} {'failed':>6}  largest relative change: cell, stored -> now"]
+    for r in rows:
+        worst = (f"{r['max_rel']:.1e}: cell {r['worst_cell']}, {r['reference']:g} -> {r['test']:g}"
+                 if r["max_rel"] else "-")
+        lines.append(f"{r['notebook']:<50} {len(r['moved']):>5} {len(r['text']):>4} {len(r['failed']):>6}  {worst}")
+    return lines
+
+
+def report(folders) -> list[dict]:
+    """Per notebook, from the JSON lines in ``folders``: cells whose output moved, cells whose text moved
+    (not only numbers), and the cell with the largest relative change among numbers; largest first."""
+    import json
+    from pathlib import Path
+
+    notebooks = {}
+    for folder in folders:
+        for path in sorted(Path(folder).glob("*.jsonl")):
+            for line in path.read_text().splitlines():
+                row = json.loads(line)
+                nb = notebooks.setdefault(row["notebook"], {"notebook": row["notebook"], "moved": set(),
+                                                            "text": set(), "failed": set(), "max_rel": 0.0})
+                nb["moved"].add(row["cell"])
+                if row["change"] == "text":
+                    nb["text"].add(row["cell"])
+                if not row["passed"]:
+                    nb["failed"].add(row["cell"])
+                if row.get("max_rel", 0) > nb["max_rel"]:
+                    nb.update(max_rel=row["max_rel"], worst_cell=row["cell"], reference=row["reference"],
+                              test=row["test"])
+    rows = sorted(notebooks.values(), key=lambda r: (-r["max_rel"], r["notebook"]))
+    for r in rows:
+        for key in ("moved", "text", "failed"):
+            r[key] = sorted(r[key])
+    return rows
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) < 2:
+        sys.exit("usage: python -m tests.nbval_portable <report folder>...")
+    print("\n".join(format_report(report(sys.argv[1:]))))
