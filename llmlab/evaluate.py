@@ -11,7 +11,8 @@ exact match, ``llmlab.llamacpp`` for GGUF models, ``llmlab.data.gold_reward`` fo
 * ``loglikelihood`` / ``multiple_choice`` - score choices by the log-probability of each continuation, the way
   lm-evaluation-harness does (``acc``: the largest sum; ``acc_norm``: the largest sum per byte of the choice,
   where the harness divides by characters: the same for ASCII text);
-* ``wilson_interval`` / ``bootstrap_interval`` - how noisy a score on a small evaluation set is;
+* ``wilson_interval`` / ``bootstrap_interval`` - how noisy a score on a small evaluation set is, and
+  ``compare_proportions`` - whether two scores differ beyond that noise (``"higher"``, ``"lower"`` or ``"tie"``);
 * ``ngram_overlap`` - contamination: how much of each test item already appears in a training corpus;
 * ``run`` - a table with one row per metric: value, 95 % interval and the number of examples.
 
@@ -88,6 +89,21 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def compare_proportions(successes_a: int, n_a: int, successes_b: int, n_b: int,
+                        confidence: float = 0.95) -> str:
+    """``"higher"``, ``"lower"`` or ``"tie"``: how the rate ``successes_a / n_a`` compares with ``successes_b /
+    n_b``, read from their Wilson intervals. Only intervals that do not overlap rank two scores; overlapping ones
+    are a tie, however far apart the point estimates look (a conservative reading: it calls some real
+    differences ties, and no noise a difference). Every chapter that ranks two accuracies asserts this."""
+    lo_a, hi_a = wilson_interval(successes_a, n_a, confidence)
+    lo_b, hi_b = wilson_interval(successes_b, n_b, confidence)
+    if lo_a > hi_b:
+        return "higher"
+    if hi_a < lo_b:
+        return "lower"
+    return "tie"
 
 
 def bootstrap_interval(values, statistic: Callable | None = None, confidence: float = 0.95, resamples: int = 2000,

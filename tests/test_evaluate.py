@@ -110,6 +110,24 @@ def test_wilson_interval_matches_scipy_and_the_score_test(k, n):
     assert (lo, hi) == pytest.approx((ci.low, ci.high), abs=1e-9)
 
 
+def test_compare_proportions_ranks_only_separated_intervals():
+    assert evaluate.compare_proportions(53, 64, 10, 64) == "higher"  # 0.83 vs 0.16: far apart
+    assert evaluate.compare_proportions(10, 64, 53, 64) == "lower"
+    # 0.672 vs 0.609 at n = 64: the intervals overlap, so no ranking
+    assert evaluate.compare_proportions(43, 64, 39, 64) == "tie"
+    # the same rates on 100 times the examples separate
+    assert evaluate.compare_proportions(4300, 6400, 3900, 6400) == "higher"
+    # the rule is exactly "the intervals do not overlap"
+    for k_a, k_b in [(40, 25), (41, 25), (45, 30), (50, 35)]:
+        (lo_a, hi_a), (lo_b, hi_b) = evaluate.wilson_interval(k_a, 64), evaluate.wilson_interval(k_b, 64)
+        expected = "higher" if lo_a > hi_b else "tie"
+        assert evaluate.compare_proportions(k_a, 64, k_b, 64) == expected
+    with pytest.raises(ValueError, match="cannot exceed"):
+        evaluate.compare_proportions(65, 64, 1, 64)
+    with pytest.raises(ValueError, match="confidence"):
+        evaluate.compare_proportions(1, 64, 1, 64, confidence=1.5)
+
+
 def test_bootstrap_interval_of_a_mean_is_close_to_the_normal_interval():
     values = [float(i % 7) for i in range(700)]
     mean = sum(values) / len(values)
