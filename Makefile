@@ -30,6 +30,8 @@ PYTEST_NB := --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell
 CPU ?=
 CPU_ENV := $(if $(CPU),ATEN_CPU_CAPABILITY=$(CPU) ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2,)
 # Each cell whose output moved from the stored one is logged here; the run ends with the per-notebook table.
+# The seconds of each test file go to _build/file-seconds.json (copy it to tests/file_seconds.json to keep
+# the workers balanced: conftest.py hands out the longest files first).
 CPU_REPORT := _build/cpu-report
 
 .PHONY: book test test-cpus execute assign grade lock canary doctor clean chromium venv
@@ -69,8 +71,8 @@ chromium:
 
 test: book chromium
 	rm -rf $(CPU_REPORT)
-	$(CPU_ENV) LLMLAB_NBVAL_REPORT=$(CPU_REPORT) CHROMIUM=$(CHROMIUM) $(BIN)/python -m pytest tests $(NOTEBOOKS) \
-	  $(PYTEST_NB) -p tests.timing_table -q -rs -n $(TEST_JOBS) --dist loadfile
+	$(CPU_ENV) LLMLAB_NBVAL_REPORT=$(CPU_REPORT) LLMLAB_TIMINGS_OUT=_build/file-seconds.json CHROMIUM=$(CHROMIUM) \
+	  $(BIN)/python -m pytest tests $(NOTEBOOKS) $(PYTEST_NB) -p tests.timing_table -q -rs -n $(TEST_JOBS) --dist loadfile
 
 # `make test` as on another CPU: PyTorch's portable kernels instead of this machine's vector ones.
 test-cpus:

@@ -24,6 +24,27 @@ def pytest_collection_modifyitems(session, config, items):
         path = Path(str(item.fspath))
         if path.suffix == ".ipynb":
             config._llmlab_notebooks.add(path.resolve().relative_to(ROOT).as_posix())
+    _longest_files_first(items)
+
+
+def _longest_files_first(items):
+    """Order the files by their seconds in the last recorded run (tests/file_seconds.json, see timing_table),
+    longest first, keeping each file's own order: pytest-xdist's --dist loadfile hands files to the workers in
+    this order, and longest-first keeps one worker from running a long notebook alone at the end. A file with
+    no record counts as long."""
+    import json
+
+    record = ROOT / "tests" / "file_seconds.json"
+    seconds = json.loads(record.read_text()) if record.exists() else {}
+    position = {}
+    for i, item in enumerate(items):
+        position.setdefault(item.nodeid.split("::")[0], i)
+
+    def key(item):
+        path = item.nodeid.split("::")[0]
+        return -seconds.get(path, float("inf")), position[path]
+
+    items.sort(key=key)
 
 
 @pytest.fixture(scope="session")
