@@ -76,10 +76,10 @@ def pytest_configure(config):
 
 
 # ------------------------------------------------------------------------------------------ the report --
-# With LLMLAB_NBVAL_REPORT=<folder>, every compared cell whose output moved is written there (one JSON line per
-# cell): how it moved (numbers only, or its text too), the largest relative change among its numbers, and
-# whether nbval passed it. `python -m tests.nbval_portable <folder>...` prints the per-notebook table, largest
-# first (the How to run page's "what differs between CPUs" comes from it: `make test-cpus`).
+# With LLMLAB_NBVAL_REPORT=<folder> (make test sets it), every compared cell whose output moved from the stored
+# one is written there, one JSON line per cell: how it moved (numbers only, or its text too), by how much, and
+# whether nbval passed it. The run ends with the per-notebook table (`python -m tests.nbval_portable <folder>`
+# prints it again); the How to run page's "what differs between CPUs" comes from two such runs.
 
 def _comparable_texts(outputs):
     """The text nbval compares for a cell (streams by name, and each text MIME type), before masking."""
@@ -103,20 +103,28 @@ def _numbers(text):
     return values
 
 
+ROUND_OFF = 1e-3  # values below this in magnitude are round-off measurements (a max |difference| of 3.6e-07)
+
+
 def describe_change(reference: str, test: str) -> dict:
-    """How ``test`` differs from ``reference``: ``same``, ``numbers`` (only numbers moved; with the largest
-    relative and absolute change) or ``text`` (words, lines or the count of numbers changed too)."""
+    """How ``test`` differs from ``reference``: ``same``, ``numbers`` (only numbers moved) or ``text`` (words,
+    lines or the count of numbers changed too). For ``numbers``: the largest relative change among values of at
+    least ``ROUND_OFF`` in magnitude (results: a loss, an accuracy), with that pair, and the largest value among
+    round-off-sized ones (a max |difference| that went from 3.6e-07 to 7.7e-07)."""
     if reference == test:
         return {"change": "same"}
     if mask_numbers(reference) != mask_numbers(test):
         return {"change": "text"}
-    worst = {"change": "numbers", "max_rel": 0.0, "max_abs": 0.0}
+    worst = {"change": "numbers", "max_rel": 0.0, "round_off": 0.0}
     for a, b in zip(_numbers(reference), _numbers(test)):
         if a == b or a != a or b != b:
             continue
+        if max(abs(a), abs(b)) < ROUND_OFF:
+            worst["round_off"] = max(worst["round_off"], abs(a), abs(b))
+            continue
         rel = abs(a - b) / max(abs(a), abs(b))
         if rel > worst["max_rel"]:
-            worst.update(max_rel=rel, max_abs=abs(a - b), reference=a, test=b)
+            worst.update(max_rel=rel, reference=a, test=b)
     return worst
 
 
@@ -143,60 +151,90 @@ def _record(cell, test, ref, passed):
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    """The per-notebook table of what moved, on the controller (xdist workers only write their lines)."""
+    """The per-notebook table of what moved, on the controller (xdist workers only write their lines), and
+    the run's provenance beside the lines (run.json)."""
+    import json
     import os
 
     folder = os.environ.get("LLMLAB_NBVAL_REPORT")
     if not folder or hasattr(config, "workerinput") or not os.path.isdir(folder):
         return
-    import torch
-
+    run = provenance()
+    with open(os.path.join(folder, "run.json"), "w") as f:
+        json.dump(run, f, indent=1)
     tr = terminalreporter
-    tr.section(f"notebook outputs that moved on this CPU (PyTorch kernels: {torch.backends.cpu.get_cpu_capability()})")
-    for line in format_report(report([folder])):
+    tr.section(f"notebook outputs that moved from the stored ones ({run['kernels']})")
+    for line in format_report(report(folder)):
         tr.write_line(line)
 
 
-def format_report(rows) -> list[str]:
-    lines = [f"{'notebook':<50} {'moved':>5} {'text':>4} {'failed':>6}  largest relative change: cell, stored -> now"]
-    for r in rows:
-        worst = (f"{r['max_rel']:.1e}: cell {r['worst_cell']}, {r['reference']:g} -> {r['test']:g}"
-                 if r["max_rel"] else "-")
-        lines.append(f"{r['notebook']:<50} {len(r['moved']):>5} {len(r['text']):>4} {len(r['failed']):>6}  {worst}")
-    return lines
+def provenance() -> dict:
+    """Which CPU and kernels ran: what a row of the report needs to be read later."""
+    import datetime
+    import os
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    env = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+           if k in os.environ}
+    kernels = f"PyTorch kernels: {torch.backends.cpu.get_cpu_capability()}"
+    if env:
+        kernels += " (" + ", ".join(f"{k}={v}" for k, v in env.items()) + ")"
+    return {"cpu": cpu, "machine": platform.machine(), "kernels": kernels, "env": env, "torch": torch.__version__,
+            "date": datetime.date.today().isoformat()}
 
 
-def report(folders) -> list[dict]:
-    """Per notebook, from the JSON lines in ``folders``: cells whose output moved, cells whose text moved
-    (not only numbers), and the cell with the largest relative change among numbers; largest first."""
+def report(folder) -> list[dict]:
+    """Per notebook, from the JSON lines in ``folder``: the cells whose output moved, those whose text moved
+    (not only numbers), those nbval failed, the largest relative change of a result (with its cell and both
+    values) and the largest round-off-sized value that moved. Largest change first."""
     import json
     from pathlib import Path
 
     notebooks = {}
-    for folder in folders:
-        for path in sorted(Path(folder).glob("*.jsonl")):
-            for line in path.read_text().splitlines():
-                row = json.loads(line)
-                nb = notebooks.setdefault(row["notebook"], {"notebook": row["notebook"], "moved": set(),
-                                                            "text": set(), "failed": set(), "max_rel": 0.0})
-                nb["moved"].add(row["cell"])
-                if row["change"] == "text":
-                    nb["text"].add(row["cell"])
-                if not row["passed"]:
-                    nb["failed"].add(row["cell"])
-                if row.get("max_rel", 0) > nb["max_rel"]:
-                    nb.update(max_rel=row["max_rel"], worst_cell=row["cell"], reference=row["reference"],
-                              test=row["test"])
-    rows = sorted(notebooks.values(), key=lambda r: (-r["max_rel"], r["notebook"]))
+    for path in sorted(Path(folder).glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            nb = notebooks.setdefault(row["notebook"], {"notebook": row["notebook"], "moved": set(), "text": set(),
+                                                        "failed": set(), "max_rel": 0.0, "round_off": 0.0})
+            nb["moved"].add(row["cell"])
+            if row["change"] == "text":
+                nb["text"].add(row["cell"])
+            if not row["passed"]:
+                nb["failed"].add(row["cell"])
+            nb["round_off"] = max(nb["round_off"], row.get("round_off", 0.0))
+            if row.get("max_rel", 0.0) > nb["max_rel"]:
+                nb.update(max_rel=row["max_rel"], worst_cell=row["cell"], reference=row["reference"],
+                          test=row["test"])
+    rows = sorted(notebooks.values(), key=lambda r: (-r["max_rel"], -len(r["moved"]), r["notebook"]))
     for r in rows:
         for key in ("moved", "text", "failed"):
             r[key] = sorted(r[key])
     return rows
 
 
+def format_report(rows) -> list[str]:
+    lines = [f"{'notebook':<48} {'moved':>5} {'text':>4} {'failed':>6}  {'round-off':>9}  "
+             "largest change of a result: cell, stored -> now"]
+    for r in rows:
+        worst = (f"{r['max_rel']:.1%}: cell {r['worst_cell']}, {r['reference']:g} -> {r['test']:g}"
+                 if r["max_rel"] else "-")
+        small = f"{r['round_off']:.1e}" if r["round_off"] else "-"
+        lines.append(f"{r['notebook']:<48} {len(r['moved']):>5} {len(r['text']):>4} {len(r['failed']):>6}  "
+                     f"{small:>9}  {worst}")
+    return lines
+
+
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) < 2:
-        sys.exit("usage: python -m tests.nbval_portable <report folder>...")
-    print("\n".join(format_report(report(sys.argv[1:]))))
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m tests.nbval_portable <report folder>")
+    print("\n".join(format_report(report(sys.argv[1]))))
