@@ -29,6 +29,7 @@ PYTEST_NB := --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell
 # `make test CPU=default`, what CI runs: the outputs stored on one machine checked against another's rounding.
 CPU ?=
 CPU_ENV := $(if $(CPU),ATEN_CPU_CAPABILITY=$(CPU) ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2,)
+# No progress bars (TQDM_DISABLE=1), as in `make execute`: the stored outputs hold none.
 # Each cell whose output moved from the stored one is logged here; the run ends with the per-notebook table.
 # The seconds of each test file go to _build/file-seconds.json (copy it to tests/file_seconds.json to keep
 # the workers balanced: conftest.py hands out the longest files first).
@@ -71,18 +72,19 @@ chromium:
 
 test: book chromium
 	rm -rf $(CPU_REPORT)
-	$(CPU_ENV) LLMLAB_NBVAL_REPORT=$(CPU_REPORT) LLMLAB_TIMINGS_OUT=_build/file-seconds.json CHROMIUM=$(CHROMIUM) \
+	$(CPU_ENV) TQDM_DISABLE=1 LLMLAB_NBVAL_REPORT=$(CPU_REPORT) LLMLAB_TIMINGS_OUT=_build/file-seconds.json CHROMIUM=$(CHROMIUM) \
 	  $(BIN)/python -m pytest tests $(NOTEBOOKS) $(PYTEST_NB) -p tests.timing_table -q -rs -n $(TEST_JOBS) --dist loadfile
 
 # `make test` as on another CPU: PyTorch's portable kernels instead of this machine's vector ones.
 test-cpus:
 	$(MAKE) test CPU=default
 
-# Re-run every notebook with the cpu profile and store its outputs (what the site shows and nbval compares),
+# Re-run every notebook with the cpu profile and store its outputs (what the site shows and nbval compares;
+# no progress bars: TQDM_DISABLE=1, which tqdm reads as its `disable` default),
 # then refresh the student versions of the labs from the re-executed masters.
 execute: $(STAMP)
 	@for nb in $(NOTEBOOKS); do echo "executing $$nb"; \
-	  LLMLAB_PROFILE=cpu $(BIN)/jupyter execute --inplace --timeout=600 --kernel_name=python3 "$$nb"; done
+	  LLMLAB_PROFILE=cpu TQDM_DISABLE=1 $(BIN)/jupyter execute --inplace --timeout=600 --kernel_name=python3 "$$nb"; done
 	$(MAKE) assign
 
 # From the masters: dist/student (notebooks + public tests), dist/autograder (zips + solutions), and labs/student

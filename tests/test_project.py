@@ -76,6 +76,15 @@ def test_every_notebook_is_in_the_toc_and_stored_executed():
         assert json.loads((ROOT / nb).read_text())["metadata"]["kernelspec"]["name"] == "python3"
 
 
+
+def test_stored_outputs_hold_no_progress_bars_or_stderr():
+    """The site is a book: `make execute` runs with TQDM_DISABLE=1, so no stored output is a progress bar (or
+    any other stderr stream: a warning the text should have dealt with)."""
+    for nb in _notebooks() + sorted(str(p.relative_to(ROOT)) for p in (ROOT / "labs" / "student").glob("*.ipynb")):
+        for i, cell in enumerate(json.loads((ROOT / nb).read_text())["cells"]):
+            streams = [o for o in cell.get("outputs", []) if o.get("name") == "stderr"]
+            assert not streams, f"{nb} cell {i}: stderr stored: {''.join(streams[0]['text'])[:200]!r}"
+
 def test_labs_open_in_colab_from_the_one_repository_url():
     cfg = yaml.safe_load((ROOT / "_config.yml").read_text())
     url = cfg["repository"]["url"]
