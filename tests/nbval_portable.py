@@ -157,14 +157,17 @@ def pytest_terminal_summary(terminalreporter, config):
     import os
 
     folder = os.environ.get("LLMLAB_NBVAL_REPORT")
-    if not folder or hasattr(config, "workerinput") or not os.path.isdir(folder):
+    nbval = config.getoption("--nbval", default=False) or config.getoption("--nbval-lax", default=False)
+    if not folder or hasattr(config, "workerinput") or not nbval:
         return
+    os.makedirs(folder, exist_ok=True)  # a run where nothing moved has its provenance too
     run = provenance()
     with open(os.path.join(folder, "run.json"), "w") as f:
         json.dump(run, f, indent=1)
     tr = terminalreporter
     tr.section(f"notebook outputs that moved from the stored ones ({run['kernels']})")
-    for line in format_report(report(folder)):
+    rows = report(folder)
+    for line in format_report(rows) if rows else ["none: every output is as stored"]:
         tr.write_line(line)
 
 
@@ -232,9 +235,52 @@ def format_report(rows) -> list[str]:
     return lines
 
 
+def save(path, runs: dict, stored: str) -> dict:
+    """Write the reports of several runs (``{label: folder}``) to ``path`` as JSON, with each run's provenance
+    and a line saying where the stored outputs come from: the data behind the How to run page's table."""
+    import json
+    from pathlib import Path
+
+    data = {"stored": stored, "runs": []}
+    for label, folder in runs.items():
+        run = json.loads((Path(folder) / "run.json").read_text())
+        data["runs"].append({"label": label, **run, "notebooks": report(folder)})
+    Path(path).write_text(json.dumps(data, indent=1) + "\n")
+    return data
+
+
+def markdown_table(data: dict) -> str:
+    """The How to run page's table: per notebook, the cells that moved in each run and the largest changes
+    (of a result, and of a round-off-sized value) in the last run; largest change first."""
+    runs = data["runs"]
+    last = {r["notebook"]: r for r in runs[-1]["notebooks"]}
+    names = sorted({r["notebook"] for run in runs for r in run["notebooks"]},
+                   key=lambda n: (-last.get(n, {}).get("max_rel", 0.0), n))
+    head = ["notebook"] + [f"cells moved, {run['label']}" for run in runs] + [
+        f"largest change of a result, {runs[-1]['label']}", f"largest round-off value, {runs[-1]['label']}"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name in names:
+        cells = []
+        for run in runs:
+            row = next((r for r in run["notebooks"] if r["notebook"] == name), None)
+            cells.append(f"{len(row['moved'])} ({len(row['text'])} in text)" if row and row["text"]
+                         else str(len(row["moved"])) if row else "0")
+        r = last.get(name)
+        result = (f"{100 * r['max_rel']:.2g}% ({r['reference']:g} → {r['test']:g})" if r and r["max_rel"] else "—")
+        small = f"{r['round_off']:.1e}" if r and r["round_off"] else "—"
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {result} | {small} |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
     import sys
 
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m tests.nbval_portable <report folder>")
-    print("\n".join(format_report(report(sys.argv[1]))))
+    args = sys.argv[1:]
+    if len(args) == 1:
+        print("\n".join(format_report(report(args[0]))))
+    elif len(args) >= 5 and args[0] == "--save" and len(args) % 2 == 1:
+        # --save OUT.json "stored outputs: ..." LABEL FOLDER [LABEL FOLDER ...]
+        print(markdown_table(save(args[1], dict(zip(args[3::2], args[4::2])), args[2])))
+    else:
+        sys.exit("usage: python -m tests.nbval_portable <report folder>\n"
+                 "       python -m tests.nbval_portable --save OUT.json STORED LABEL FOLDER [LABEL FOLDER ...]")

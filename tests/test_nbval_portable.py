@@ -101,3 +101,21 @@ def test_every_nbval_tag_in_the_notebooks_is_one_nbval_knows():
             unknown = {t for t in tags if t.startswith("nbval")} - known
             assert not unknown, f"{path.relative_to(ROOT)} cell {i}: unknown tags {unknown}"
             assert len(tags & {*P.TAGS, "nbval-ignore-output"}) <= 1, f"{path.relative_to(ROOT)} cell {i}: {tags}"
+
+
+def test_the_how_to_run_page_shows_the_measured_cpu_differences():
+    """The page's table is the recorded report of two runs (make test with this machine's kernels and with
+    CPU=default against the stored outputs, saved with `python -m tests.nbval_portable --save`), not numbers
+    typed by hand."""
+    data = json.loads((ROOT / "book" / "foundations" / "cpu_differences.json").read_text())
+    assert len(data["runs"]) == 2 and data["stored"]
+    forced = [run["env"].get("ATEN_CPU_CAPABILITY") for run in data["runs"]]
+    assert "default" in forced and len(set(forced)) == 2, "this machine's kernels, and the portable ones"
+    for run in data["runs"]:
+        assert {"cpu", "kernels", "torch", "date", "notebooks"} <= set(run)
+        for row in run["notebooks"]:
+            assert not row["failed"], f"{run['label']}: {row['notebook']} failed cells {row['failed']}"
+            assert set(row["text"]) <= set(row["moved"])
+    page = (ROOT / "book" / "foundations" / "how-to-run.md").read_text()
+    assert P.markdown_table(data) in page
+    assert data["stored"] in page
