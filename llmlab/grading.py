@@ -5,12 +5,21 @@ solutions, public and hidden tests). ``make assign`` runs ``assign`` on each mas
 master's outputs on every cell that is not part of a question) under ``dist/student/``, autograder zips under
 ``dist/autograder/``, and a copy of the student files in ``labs/student/``, which the website and the Colab
 buttons show. ``make grade`` runs ``grade``: ``otter run`` on every submission, no Docker, a time limit each,
-one CSV row per submission. ``secret_lines`` lists what must never leave the master (solutions, hidden tests).
+one CSV row per submission, plus each written answer for grading by hand. ``secret_lines`` lists what must never
+leave the master (solutions, hidden tests).
+
+Inside the labs: ``answered`` lets Run-all reach the end of a blank student notebook ("q1: not answered yet"),
+and the tests run the student's code inside ``own_work``, which makes the functions that would answer a question
+(``llmlab.infer.top_p_filter`` for "write top-p") raise, so an answer that calls them scores nothing and says why.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import dis
+import importlib
+import inspect
 import json
 import re
 import shutil
@@ -21,6 +30,97 @@ from pathlib import Path
 
 STUDENT_DIR = "student"  # labs/student: the published student versions
 _MARKER = re.compile(r"#\s*(BEGIN|END) SOLUTION( NO PROMPT)?\s*$")
+
+
+def _blank_function(fn) -> bool:
+    """A function whose body does nothing (``...``, ``pass``), as otter leaves a solution for students."""
+    code = getattr(inspect.unwrap(fn), "__code__", None)
+    if code is None:
+        return False
+    ops = [(i.opname, i.argval) for i in dis.get_instructions(code) if i.opname not in ("RESUME", "NOP", "CACHE")]
+    return ops in ([("RETURN_CONST", None)], [("LOAD_CONST", None), ("RETURN_VALUE", None)])
+
+
+def answered(*answers, question: str | None = None) -> bool:
+    """False while any of ``answers`` is still otter's blank: ``...``, or a function whose body is only ``...``
+    (then ``question: not answered yet`` is printed). The labs guard the cells that use an answer with it, so
+    Run-all on a blank student notebook reaches the end."""
+    if question is not None and (not isinstance(question, str) or not question.strip()):
+        raise ValueError(f"question must be a question's name such as 'q1', got {question!r}")
+    blank = any(a is Ellipsis or (inspect.isfunction(inspect.unwrap(a)) and _blank_function(a))
+                for a in answers if callable(a) or a is Ellipsis)
+    if blank:
+        print(f"{question or 'this question'}: not answered yet")
+    return not blank
+
+
+def _resolve(name: str):
+    """The object a dotted name such as ``llmlab.infer.top_p_filter`` names (its module imported)."""
+    if not isinstance(name, str) or "." not in name:
+        raise ValueError(f"name a function or class by its dotted path, such as 'llmlab.infer.top_p_filter', "
+                         f"got {name!r}")
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[i:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            break
+        return obj
+    raise ValueError(f"{name!r} names nothing that can be imported")
+
+
+def _raising_code(fn, message: str):
+    """A code object that raises ``NotImplementedError(message)`` and fits ``fn`` (the same free variables, so
+    it can replace ``fn.__code__``: every reference to ``fn``, aliases included, then raises)."""
+    free = fn.__code__.co_freevars
+    lines = ["def _outer():", *(f"    {v} = None" for v in free), "    def _blocked(*args, **kwargs):",
+             f"        raise NotImplementedError({message!r})",
+             *([f"        ({', '.join(free)},)"] if free else []), "    return _blocked"]
+    namespace = {}
+    exec("\n".join(lines), namespace)  # noqa: S102 (a fixed template: names from a code object, a repr'd message)
+    return namespace["_outer"]().__code__
+
+
+@contextlib.contextmanager
+def own_work(question: str, *answers: str):
+    """Run the student's code for ``question`` with the functions or classes named in ``answers`` (dotted paths:
+    ``"llmlab.infer.top_p_filter"``, ``"transformers.TopPLogitsWarper"``) raising ``NotImplementedError`` with a
+    message that says why. The labs' tests call the student's functions inside it: an answer that hands the
+    work to the library it imitates fails every test of that question. Everything is restored on exit."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"question must be a question's name such as 'q1', got {question!r}")
+    if not answers:
+        raise ValueError("name at least one function or class that would answer the question")
+    undo = []
+    try:
+        for name in answers:
+            obj = _resolve(name)
+            message = (f"{question} is graded on your own code, and it called {name}, which does the work for you: "
+                       f"write it without {name.split('.')[-1]} (or anything that calls it).")
+            if inspect.isclass(obj):
+                def blocked(*args, _message=message, **kwargs):
+                    raise NotImplementedError(_message)
+                for attr in ("__init__", "__call__", "forward"):
+                    if getattr(obj, attr, None) in (None, getattr(object, attr, None)):
+                        continue
+                    own = attr in vars(obj)
+                    undo.append((setattr, obj, attr, vars(obj)[attr]) if own else (delattr, obj, attr))
+                    setattr(obj, attr, blocked)
+            elif callable(obj) and hasattr(inspect.unwrap(obj), "__code__"):
+                fn = inspect.unwrap(obj)
+                undo.append((setattr, fn, "__code__", fn.__code__))
+                fn.__code__ = _raising_code(fn, message)
+            else:
+                raise ValueError(f"{name!r} is not a Python function or class, so own_work cannot block it")
+        yield
+    finally:
+        for action, *args in reversed(undo):
+            action(*args)
 
 
 def _read(path):
@@ -54,6 +154,47 @@ def lab_name(master) -> str:
     raise ValueError(f"{master} is not an otter master notebook (no '# ASSIGNMENT CONFIG' raw cell)")
 
 
+def questions(master) -> list[dict]:
+    """Each question of a master in order: ``{"name", "points", "manual"}`` from its ``# BEGIN QUESTION`` cell
+    (``manual: true``: a written answer, graded by hand). Raises if a question has no points."""
+    import yaml
+
+    found = []
+    for cell in _read(master)["cells"]:
+        if _raw_kind(cell) == "BEGIN QUESTION":
+            cfg = yaml.safe_load(_src(cell).split("\n", 1)[1]) or {}
+            if not isinstance(cfg.get("points"), (int, float)) or cfg["points"] <= 0:
+                raise ValueError(f"{master}: question {cfg.get('name')!r} has no positive points")
+            found.append({"name": str(cfg["name"]), "points": cfg["points"], "manual": bool(cfg.get("manual"))})
+    return found
+
+
+def written_answers(master, submission) -> list[dict]:
+    """The written (manual) answers of a submitted student notebook: one ``{"question", "points", "answer"}``
+    per manual question of ``master``, in order. Otter marks each manual question of a student notebook with
+    ``<!-- BEGIN QUESTION -->``; the answer is the markdown answer cell inside it (otter's placeholder text
+    counts as no answer)."""
+    manual = [q for q in questions(master) if q["manual"]]
+    nb = json.loads(Path(submission).read_text()) if Path(submission).suffix == ".ipynb" else None
+    if nb is None:
+        raise ValueError(f"expected a submitted .ipynb, got {str(submission)!r}")
+    blocks, inside = [], None
+    for cell in nb["cells"]:
+        text = _src(cell)
+        if cell["cell_type"] == "markdown" and "<!-- BEGIN QUESTION -->" in text:
+            inside = []
+        elif cell["cell_type"] == "markdown" and "<!-- END QUESTION -->" in text and inside is not None:
+            blocks.append(inside)
+            inside = None
+        elif inside is not None and "otter_answer_cell" in cell.get("metadata", {}).get("tags", []):
+            inside.append(text.strip())
+    if len(blocks) != len(manual):
+        raise ValueError(f"{submission}: {len(blocks)} written questions found, the lab has {len(manual)}")
+    placeholder = "_Type your answer here, replacing this text._"
+    return [{"question": q["name"], "points": q["points"],
+             "answer": "\n\n".join(a for a in block if a and a != placeholder)} for q, block in zip(manual, blocks)]
+
+
 def secret_lines(master, min_len: int = 8) -> list[str]:
     """Code lines that only the master may hold: solution lines and hidden-test lines, stripped. Left out: the
     markers, lines shorter than ``min_len`` (``pass``, ``try:``: too generic to prove a leak), and lines that
@@ -65,6 +206,9 @@ def secret_lines(master, min_len: int = 8) -> list[str]:
         if kind:
             verb, what = kind.split()
             block = block + [what] if verb == "BEGIN" else block[:-1]
+            continue
+        if cell["cell_type"] == "markdown" and block and block[-1] == "SOLUTION":  # a written answer's model
+            secrets += _src(cell).splitlines()
             continue
         if cell["cell_type"] != "code" or not block or block[-1] == "QUESTION":
             public.update(l.strip() for l in _src(cell).splitlines())
@@ -112,7 +256,8 @@ def leaks(master, paths) -> list[tuple[str, str]]:
 
 def _transplant_outputs(master_nb: dict, student_nb: dict) -> dict:
     """Copy the executed master's outputs onto the student cells whose code is unchanged. Cells that belong to
-    a question (answer cells, ``grader.check`` cells) keep no output, so no answer shows on the website."""
+    a question (answer cells, ``grader.check`` cells) keep no output, so no answer shows on the website; they,
+    and the cells that print an answer (``grading.answered``), are tagged ``nbval-ignore-output``."""
     out = copy.deepcopy(student_nb)
     executed = {}
     for cell in master_nb["cells"]:
@@ -127,7 +272,11 @@ def _transplant_outputs(master_nb: dict, student_nb: dict) -> dict:
             cell["id"] = "check-" + re.sub(r"\W", "", src.split("(", 1)[1])
         if "otter_answer_cell" in tags or src.startswith("grader.check") or src not in executed:
             cell["outputs"], cell["execution_count"] = [], None
-        else:
+        if "otter_answer_cell" in tags or src.startswith("grader.check") or "grading.answered(" in src:
+            # what these print depends on the student's answers: nbval, which runs the blank student notebook
+            # top to bottom, checks that they run, not what they print
+            cell.setdefault("metadata", {})["tags"] = sorted(set(tags) | {"nbval-ignore-output"})
+        if src in executed and "otter_answer_cell" not in tags and not src.startswith("grader.check"):
             cell["outputs"] = copy.deepcopy(executed[src].get("outputs", []))
             cell["execution_count"] = executed[src].get("execution_count")
     return out
@@ -160,6 +309,7 @@ def assign(master, dist="dist", publish_to=None) -> dict:
         autograder.mkdir(parents=True, exist_ok=True)
         shutil.copy(zips[0], autograder / f"{name}-autograder.zip")
         shutil.copy(out / "autograder" / master.name, autograder / master.name)
+        (autograder / f"{name}-questions.json").write_text(json.dumps(questions(master), indent=1) + "\n")
         student_nb = _transplant_outputs(json.loads(master.read_text()),
                                          json.loads((out / "student" / master.name).read_text()))
         targets = [student] + ([Path(publish_to)] if publish_to is not None else [])
@@ -177,9 +327,11 @@ def assign(master, dist="dist", publish_to=None) -> dict:
             "published": Path(publish_to) / master.name if publish_to is not None else None}
 
 
-def grade(autograder, submissions, timeout: float = 600, out_csv=None):
+def grade(autograder, submissions, timeout: float = 600, out_csv=None, master=None):
     """Grade every ``.ipynb`` or otter ``.zip`` in ``submissions`` with ``otter run`` (no Docker), each within
-    ``timeout`` seconds. Returns a DataFrame, one row per submission: a score per question, total, status."""
+    ``timeout`` seconds. Returns a DataFrame, one row per submission: a score per autograded question, total,
+    status. With ``master`` and ``out_csv``, the written answers of every ``.ipynb`` submission go to
+    ``<out_csv stem>-written.csv`` (submission, question, points, answer, and an empty score to fill in)."""
     import pandas as pd
 
     autograder, submissions = Path(autograder), Path(submissions)
@@ -217,6 +369,10 @@ def grade(autograder, submissions, timeout: float = 600, out_csv=None):
     if out_csv is not None:
         Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(out_csv)
+        if master is not None and any(q["manual"] for q in questions(master)):
+            written = [{"submission": sub.name, **a, "score": ""} for sub in files if sub.suffix == ".ipynb"
+                       for a in written_answers(master, sub)]
+            pd.DataFrame(written).to_csv(Path(out_csv).with_name(Path(out_csv).stem + "-written.csv"), index=False)
     return df
 
 
@@ -231,6 +387,7 @@ def main(argv=None) -> int:
     g.add_argument("submissions")
     g.add_argument("--dist", default="dist")
     g.add_argument("--timeout", type=float, default=600)
+    g.add_argument("--labs", default="labs", help="where the masters are (for the written questions)")
     args = ap.parse_args(argv)
     if args.cmd == "assign":
         masters = sorted(Path(args.labs).glob("*.ipynb"))
@@ -243,9 +400,12 @@ def main(argv=None) -> int:
         print(f"no autograder at {zip_path}: run `make assign` first", file=sys.stderr)
         return 2
     out_csv = Path(args.dist) / "grades" / f"{args.lab}.csv"
-    df = grade(zip_path, args.submissions, args.timeout, out_csv)
+    master = Path(args.labs) / f"{args.lab}.ipynb"
+    df = grade(zip_path, args.submissions, args.timeout, out_csv, master=master if master.exists() else None)
     print(df.to_string())
-    print(f"written: {out_csv}")
+    print(f"scores: {out_csv}")
+    if master.exists() and any(q["manual"] for q in questions(master)):
+        print(f"written answers, to grade by hand: {out_csv.with_name(out_csv.stem + '-written.csv')}")
     return 0
 
 
