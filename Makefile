@@ -15,8 +15,12 @@ LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
 MATHJAX_VERSION := 3.2.2
 MATHJAX := book/_mathjax/mathjax/tex-chtml-full.js
 CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser || command -v google-chrome || echo chromium)
-# Every notebook nbval runs: the chapters and the lab masters (labs/student holds generated student versions).
-NOTEBOOKS := $(shell find book labs -name '*.ipynb' -not -path 'labs/student/*' -not -path '*/.ipynb_checkpoints/*' | sort)
+# The chapters, and the labs as students get them: nbval runs each blank student notebook (labs/student, made
+# from the masters by `make assign`) top to bottom, so Run-all must reach the end before any question is answered.
+# The masters' solutions and tests are checked by tests/test_grading.py; `make execute` runs the masters.
+CHAPTERS := $(shell find book -name '*.ipynb' -not -path '*/.ipynb_checkpoints/*' | sort)
+NOTEBOOKS := $(CHAPTERS) $(sort $(wildcard labs/student/*.ipynb))
+MASTERS := $(sort $(wildcard labs/*.ipynb))
 LAB ?=
 SUBMISSIONS ?=
 TIMEOUT ?= 600
@@ -83,7 +87,7 @@ test-cpus:
 # no progress bars: TQDM_DISABLE=1, which tqdm reads as its `disable` default),
 # then refresh the student versions of the labs from the re-executed masters.
 execute: $(STAMP)
-	@for nb in $(NOTEBOOKS); do echo "executing $$nb"; \
+	@for nb in $(CHAPTERS) $(MASTERS); do echo "executing $$nb"; \
 	  LLMLAB_PROFILE=cpu TQDM_DISABLE=1 $(BIN)/jupyter execute --inplace --timeout=600 --kernel_name=python3 "$$nb"; done
 	$(MAKE) assign
 
