@@ -309,7 +309,6 @@ def assign(master, dist="dist", publish_to=None) -> dict:
         autograder.mkdir(parents=True, exist_ok=True)
         shutil.copy(zips[0], autograder / f"{name}-autograder.zip")
         shutil.copy(out / "autograder" / master.name, autograder / master.name)
-        (autograder / f"{name}-questions.json").write_text(json.dumps(questions(master), indent=1) + "\n")
         student_nb = _transplant_outputs(json.loads(master.read_text()),
                                          json.loads((out / "student" / master.name).read_text()))
         targets = [student] + ([Path(publish_to)] if publish_to is not None else [])
@@ -363,15 +362,20 @@ def grade(autograder, submissions, timeout: float = 600, out_csv=None, master=No
                 row["status"] = f"timed out after {timeout:g} s"
         rows.append(row)
     df = pd.DataFrame(rows).set_index("submission")
-    questions = [c for c in df.columns if c != "status"]
-    df[questions] = df[questions].fillna(0.0)
-    df.insert(len(questions), "total", df[questions].sum(axis=1))
+    scored = [c for c in df.columns if c != "status"]
+    df[scored] = df[scored].fillna(0.0)
+    df.insert(len(scored), "total", df[scored].sum(axis=1))
     if out_csv is not None:
         Path(out_csv).parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(out_csv)
         if master is not None and any(q["manual"] for q in questions(master)):
-            written = [{"submission": sub.name, **a, "score": ""} for sub in files if sub.suffix == ".ipynb"
-                       for a in written_answers(master, sub)]
+            written = []
+            for sub in (f for f in files if f.suffix == ".ipynb"):
+                try:
+                    written += [{"submission": sub.name, **a, "score": ""} for a in written_answers(master, sub)]
+                except ValueError as e:  # cells deleted or moved: say so, and grade the others
+                    written.append({"submission": sub.name, "question": "?", "points": "", "answer": f"not found: {e}",
+                                    "score": ""})
             pd.DataFrame(written).to_csv(Path(out_csv).with_name(Path(out_csv).stem + "-written.csv"), index=False)
     return df
 

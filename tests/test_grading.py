@@ -60,6 +60,17 @@ def test_the_site_holds_no_secret():
         assert grading.leaks(m, [site]) == []
 
 
+@pytest.mark.site
+def test_the_instructors_page_shows_the_sample_grades_as_a_table():
+    page = (ROOT / "_build" / "html" / "book" / "instructors" / "grading.html").read_text()
+    tables = re.findall(r"<table.*?</table>", page, re.S)
+    shown = [t for t in tables if "a_solution.ipynb" in t]
+    assert len(shown) == 1, "the sample grades are not rendered as a table"
+    for submission in pd.read_csv(SAMPLE_GRADES)["submission"]:
+        assert submission in shown[0]
+    assert "{csv-table}" not in page
+
+
 def _submission(student_nb: Path, answers: dict, out: Path):
     """Fill a student notebook's answer cells (in order) with the given sources."""
     nb = json.loads(student_nb.read_text())
@@ -151,7 +162,7 @@ def test_every_question_has_points_an_answer_cell_and_a_row_in_the_intro(assigne
         assert all(a["answer"] == "" for a in grading.written_answers(m, assigned[m.stem]["student"]))
 
 
-def test_written_answers_reach_the_instructors_export(assigned, tmp_path):
+def test_written_answers_reach_the_instructors_export(assigned, tmp_path, monkeypatch):
     r = assigned["01_quantization"]
     nb = json.loads(r["student"].read_text())
     answers = iter(["The embeddings stay in fp32.", "One scale per tensor rounds most weights to zero."])
@@ -168,6 +179,22 @@ def test_written_answers_reach_the_instructors_export(assigned, tmp_path):
         ("q3b", 1, "The embeddings stay in fp32."), ("q4b", 1, "One scale per tensor rounds most weights to zero.")]
     with pytest.raises(ValueError, match="written questions found"):
         grading.written_answers(LAB0, sub)
+
+    # `make grade` writes them beside the scores, one row per submission and question (otter run stood in for:
+    # the scores are not what this checks); a submission whose question cells were deleted is named, not fatal
+    def fake_otter_run(cmd, **kwargs):
+        (Path(cmd[cmd.index("-o") + 1]) / "results.json").write_text(json.dumps({"tests": [{"name": "q1", "score": 2}]}))
+        return type("Done", (), {"stdout": "", "stderr": ""})()
+
+    broken = {**nb, "cells": [c for c in nb["cells"] if "<!-- BEGIN QUESTION -->" not in grading._src(c)]}
+    (tmp_path / "student_b.ipynb").write_text(json.dumps(broken))
+    monkeypatch.setattr(grading.subprocess, "run", fake_otter_run)
+    df = grading.grade(r["autograder"], tmp_path, out_csv=tmp_path / "grades" / "lab1.csv", master=MASTERS[1])
+    assert list(df["q1"]) == [2, 2]
+    written = pd.read_csv(tmp_path / "grades" / "lab1-written.csv", keep_default_na=False)
+    assert list(written.columns) == ["submission", "question", "points", "answer", "score"]
+    assert written.loc[written.submission == "student_a.ipynb", "answer"].tolist() == [a["answer"] for a in got]
+    assert written.loc[written.submission == "student_b.ipynb", "answer"].str.startswith("not found").all()
 
 
 # ---- every question's tests, in process: the reference solution, a blank answer, and an imported answer ----
