@@ -68,3 +68,40 @@ def test_search_works_offline():
     dom = render("search.html", query="q=bitsandbytes")
     assert re.search(r"Search finished, found [1-9]\d* page", dom), "the search found nothing"
     assert 'href="book/foundations/memory-and-compute.html' in dom
+
+
+def _math_errors(dom: str) -> list[str]:
+    """The TeX MathJax could not typeset: `<mjx-merror>` elements and their `data-mjx-error` messages."""
+    return re.findall(r'data-mjx-error="([^"]*)"', dom) + (["<mjx-merror>"] if "<mjx-merror" in dom else [])
+
+
+def _pages_with_math():
+    pages = sorted(p.relative_to(SITE).as_posix() for p in SITE.rglob("*.html")
+                   if "_static" not in p.parts and "_sources" not in p.parts)
+    has_tex = re.compile(r'\\\(|\\\[|\$\$|class="math')
+    return [p for p in pages if has_tex.search((SITE / p).read_text(errors="replace"))]
+
+
+def test_every_equation_on_every_page_typesets():
+    """MathJax turns TeX it cannot read into yellow error text (`\\text{lm_head}`: "'_' allowed only in math
+    mode"); the page still loads. Every page with math is rendered and must hold no such error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pages = _pages_with_math()
+    assert len(pages) >= 10, pages  # the chapters with equations, found from the built pages
+    with ThreadPoolExecutor(4) as pool:
+        doms = dict(zip(pages, pool.map(render, pages)))
+    for page, dom in doms.items():
+        assert "mjx-container" in dom, f"{page}: MathJax did not typeset the page"
+        assert _math_errors(dom) == [], f"{page}: MathJax errors {_math_errors(dom)}"
+
+
+def test_the_math_check_finds_a_broken_equation(tmp_path):
+    probe = SITE / "book" / "foundations" / "_math_probe.html"
+    page = (SITE / "book" / "foundations" / "memory-and-compute.html").read_text()
+    probe.write_text(page.replace("</article>", r"<p>\(\text{lm_head, unless tied}\)</p></article>", 1))
+    try:
+        errors = _math_errors(render(probe.relative_to(SITE).as_posix()))
+    finally:
+        probe.unlink()
+    assert errors and any("math mode" in e for e in errors), errors
