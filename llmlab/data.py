@@ -190,15 +190,46 @@ def make_task(kind: str, rng: random.Random) -> Task:
                 {"animal": animal, "place": place})
 
 
-def instruction_tasks(n: int, seed: int = 0, kinds=EXACT_TASKS) -> list[Task]:
-    """``n`` tasks, kinds in round-robin order so every kind is equally represented. Deterministic per seed."""
+def _prompts(items, name="exclude") -> set[str]:
+    """The prompts of tasks, of ``{"prompt": ...}`` dicts (pairs, rows) or of plain strings."""
+    if isinstance(items, (str, bytes, Task, dict)):
+        raise TypeError(f"{name} must be a collection of tasks, pairs or prompts, not a single {type(items).__name__}")
+    out = set()
+    for item in items:
+        prompt = item.prompt if isinstance(item, Task) else item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(prompt, str):
+            raise TypeError(f"{name} must hold tasks, dicts with a 'prompt', or strings; got {type(item).__name__}")
+        out.add(prompt)
+    return out
+
+
+def instruction_tasks(n: int, seed: int = 0, kinds=EXACT_TASKS, exclude=()) -> list[Task]:
+    """``n`` tasks, kinds in round-robin order so every kind is equally represented. Deterministic per seed.
+    ``exclude``: tasks, pairs or prompts to leave out (a held-out set: none of its prompts was trained on); each
+    slot draws again until its prompt is new. With nothing excluded, the same tasks as before for a seed."""
     _check_count(n)
     _check_seed(seed)
     kinds = tuple(kinds)
     if not kinds or any(k not in TASKS for k in kinds):
         raise ValueError(f"kinds must be a non-empty subset of {TASKS}, got {kinds}")
+    seen = _prompts(exclude)
     rng = random.Random(f"tasks-{seed}")
-    return [make_task(kinds[i % len(kinds)], rng) for i in range(n)]
+    tasks = []
+    for i in range(n):
+        for _ in range(10_000):
+            task = make_task(kinds[i % len(kinds)], rng)
+            if task.prompt not in seen:
+                break
+        else:
+            raise ValueError(f"no {kinds[i % len(kinds)]!r} task left whose prompt is not excluded")
+        tasks.append(task)
+    return tasks
+
+
+def overlap(train, held_out) -> list[str]:
+    """The prompts ``held_out`` shares with ``train`` (tasks, pairs or prompts), sorted: the labs and chapters
+    assert it is empty, so no evaluation prompt was trained on."""
+    return sorted(_prompts(train, "train") & _prompts(held_out, "held_out"))
 
 
 # ------------------------------------------------------------------ checking --
@@ -352,10 +383,11 @@ def _worse_response(task: Task, rng: random.Random) -> str:
     return resp
 
 
-def preference_pairs(n: int, seed: int = 0, kinds=TASKS) -> list[dict]:
-    """``n`` preference pairs ``{"prompt", "chosen", "rejected", "kind"}``; chosen has the higher gold reward."""
+def preference_pairs(n: int, seed: int = 0, kinds=TASKS, exclude=()) -> list[dict]:
+    """``n`` preference pairs ``{"prompt", "chosen", "rejected", "kind"}``; chosen has the higher gold reward.
+    ``exclude``: tasks, pairs or prompts whose prompts no pair may use (held-out pairs)."""
     _check_seed(seed)
-    tasks = instruction_tasks(n, seed=seed + 10_000, kinds=kinds)
+    tasks = instruction_tasks(n, seed=seed + 10_000, kinds=kinds, exclude=exclude)
     rng = random.Random(f"prefs-{seed}")
     pairs = []
     for t in tasks:

@@ -84,3 +84,27 @@ def test_chat_example_is_one_user_and_one_assistant_turn():
     assert ex["messages"][0]["content"] == task.prompt and data.check_answer(task, ex["messages"][1]["content"])
     with pytest.raises(TypeError, match="Task"):
         data.chat_example({"prompt": "x"})
+
+
+def test_held_out_tasks_and_pairs_exclude_every_trained_prompt():
+    train = data.instruction_tasks(480, seed=1)
+    plain = data.instruction_tasks(64, seed=11)
+    assert data.overlap(train, plain)  # two seeds of a small task space share prompts
+    held = data.instruction_tasks(64, seed=11, exclude=train)
+    assert data.overlap(train, held) == [] and [t.kind for t in held] == [t.kind for t in plain]
+    assert held == data.instruction_tasks(64, seed=11, exclude={t.prompt for t in train})  # deterministic
+    assert data.instruction_tasks(64, seed=11, exclude=()) == plain
+    pairs = data.preference_pairs(400, seed=0)
+    test_pairs = data.preference_pairs(200, seed=1, exclude=pairs)
+    assert data.overlap(pairs, data.preference_pairs(200, seed=1)) and data.overlap(pairs, test_pairs) == []
+    assert data.overlap(["a", "b"], [{"prompt": "b"}, "c"]) == ["b"]
+
+
+def test_held_out_bad_inputs():
+    with pytest.raises(TypeError):
+        data.instruction_tasks(4, exclude="What is 2 plus 2?")  # one prompt, not a collection
+    with pytest.raises(TypeError):
+        data.overlap([1, 2], ["a"])
+    every_add = data.instruction_tasks(20_000, seed=0, kinds=("add",))
+    with pytest.raises(ValueError, match="no 'add' task left"):
+        data.instruction_tasks(1, seed=5, kinds=("add",), exclude=every_add)

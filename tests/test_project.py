@@ -143,3 +143,27 @@ def test_the_wheel_ships_the_course_model(tmp_path):
     names = zipfile.ZipFile(next(tmp_path.glob("llmlab-*.whl"))).namelist()
     for f in ("model.safetensors", "tokenizer.json", "config.json", "card.json", "README.md"):
         assert f"llmlab/assets/course-model/{f}" in names
+
+
+# notebooks that generate tasks or pairs and train, but not on them: what they train on instead
+TRAINS_ON_THE_CORPUS_ONLY = {
+    "book/compression/quantization-from-scratch.ipynb": "quantization-aware training continues pretraining on the "
+                                                        "corpus; the tasks are only evaluated",
+}
+
+
+def test_no_evaluation_prompt_is_trained_on():
+    """Every notebook that makes tasks or preference pairs with llmlab.data and trains asserts, where it makes
+    them, that its held-out prompts share nothing with what it trains on (`data.overlap(train, held_out) == []`,
+    run by nbval); the held-out sets are drawn with `exclude=`."""
+    for nb in _executed():
+        code = "\n".join("".join(c["source"]) for c in json.loads((ROOT / nb).read_text())["cells"]
+                         if c["cell_type"] == "code")
+        makes_data = re.search(r"instruction_tasks\(|preference_pairs\(", code)
+        trains = re.search(r"\.backward\(|Trainer\(|\.train\(\)|train_step\(|\.step\(\)", code)
+        if not (makes_data and trains) or nb in TRAINS_ON_THE_CORPUS_ONLY:
+            continue
+        assert re.search(r"assert data\.overlap\([^\n]*\) == \[\]", code), \
+            f"{nb} trains on generated data: assert data.overlap(train, held_out) == [] where it makes them"
+    for nb in TRAINS_ON_THE_CORPUS_ONLY:
+        assert (ROOT / nb).exists(), nb
