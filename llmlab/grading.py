@@ -154,6 +154,26 @@ def lab_name(master) -> str:
     raise ValueError(f"{master} is not an otter master notebook (no '# ASSIGNMENT CONFIG' raw cell)")
 
 
+def _walk(master):
+    """Each cell of a master that is not one of otter's delimiters, as ``(cell, block, question)``: ``block`` the
+    innermost open block (``"QUESTION"``, ``"SOLUTION"``, ``"TESTS"``, ``"PROMPT"``, or ``None`` outside them) and
+    ``question`` the open question's name (or ``None``)."""
+    import yaml
+
+    blocks, question = [], None
+    for cell in _read(master)["cells"]:
+        kind = _raw_kind(cell)
+        if kind is None:
+            yield cell, (blocks[-1] if blocks else None), question
+            continue
+        verb, what = kind.split()
+        blocks = blocks + [what] if verb == "BEGIN" else blocks[:-1]
+        if kind == "BEGIN QUESTION":
+            question = str((yaml.safe_load(_src(cell).split("\n", 1)[1]) or {}).get("name"))
+        elif kind == "END QUESTION":
+            question = None
+
+
 def questions(master) -> list[dict]:
     """Each question of a master in order: ``{"name", "points", "manual"}`` from its ``# BEGIN QUESTION`` cell
     (``manual: true``: a written answer, graded by hand). Raises if a question has no points."""
@@ -175,9 +195,9 @@ def written_answers(master, submission) -> list[dict]:
     ``<!-- BEGIN QUESTION -->``; the answer is the markdown answer cell inside it (otter's placeholder text
     counts as no answer)."""
     manual = [q for q in questions(master) if q["manual"]]
-    nb = json.loads(Path(submission).read_text()) if Path(submission).suffix == ".ipynb" else None
-    if nb is None:
+    if Path(submission).suffix != ".ipynb":
         raise ValueError(f"expected a submitted .ipynb, got {str(submission)!r}")
+    nb = json.loads(Path(submission).read_text())
     blocks, inside = [], None
     for cell in nb["cells"]:
         text = _src(cell)
@@ -199,22 +219,16 @@ def secret_lines(master, min_len: int = 8) -> list[str]:
     """Code lines that only the master may hold: solution lines and hidden-test lines, stripped. Left out: the
     markers, lines shorter than ``min_len`` (``pass``, ``try:``: too generic to prove a leak), and lines that
     also stand outside every solution and hidden test of the master (those are not secret)."""
-    nb = _read(master)
-    secrets, public, block = [], set(), []
-    for cell in nb["cells"]:
-        kind = _raw_kind(cell)
-        if kind:
-            verb, what = kind.split()
-            block = block + [what] if verb == "BEGIN" else block[:-1]
-            continue
-        if cell["cell_type"] == "markdown" and block and block[-1] == "SOLUTION":  # a written answer's model
+    secrets, public = [], set()
+    for cell, block, _ in _walk(master):
+        if cell["cell_type"] == "markdown" and block == "SOLUTION":  # a written answer's model
             secrets += _src(cell).splitlines()
             continue
-        if cell["cell_type"] != "code" or not block or block[-1] == "QUESTION":
+        if cell["cell_type"] != "code" or block in (None, "QUESTION"):
             public.update(l.strip() for l in _src(cell).splitlines())
             continue
         lines = _src(cell).splitlines()
-        if block[-1] == "SOLUTION":
+        if block == "SOLUTION":
             inside, marked = False, []
             for line in lines:
                 if re.search(r"#\s*BEGIN SOLUTION", line):
@@ -225,9 +239,9 @@ def secret_lines(master, min_len: int = 8) -> list[str]:
                     marked.append(line.replace("# SOLUTION", ""))
             has_markers = any("SOLUTION" in l for l in lines)
             secrets += marked if has_markers else lines
-        elif block[-1] == "TESTS" and (lines and lines[0].strip() == "# HIDDEN" or "hidden: true" in _src(cell)):
+        elif block == "TESTS" and (lines and lines[0].strip() == "# HIDDEN" or "hidden: true" in _src(cell)):
             secrets += [l for l in lines if "HIDDEN" not in l and "TEST CONFIG" not in l]
-        elif block[-1] == "TESTS":
+        elif block == "TESTS":
             public.update(l.strip() for l in lines)
     return sorted({s.strip() for s in secrets
                    if len(s.strip()) >= min_len and not _MARKER.search(s) and s.strip() not in public})
@@ -274,13 +288,14 @@ def _transplant_outputs(master_nb: dict, student_nb: dict) -> dict:
         tags = cell.get("metadata", {}).get("tags", [])
         if src.startswith("grader.check"):  # otter gives these cells random ids: make them stable
             cell["id"] = "check-" + re.sub(r"\W", "", src.split("(", 1)[1])
-        if "otter_answer_cell" in tags or src.startswith("grader.check") or src not in executed:
-            cell["outputs"], cell["execution_count"] = [], None
-        if "otter_answer_cell" in tags or src.startswith("grader.check") or "grading.answered(" in src:
+        in_question = "otter_answer_cell" in tags or src.startswith("grader.check")
+        if in_question or "grading.answered(" in src:
             # what these print depends on the student's answers: nbval, which runs the blank student notebook
             # top to bottom, checks that they run, not what they print
             cell.setdefault("metadata", {})["tags"] = sorted(set(tags) | {"nbval-ignore-output"})
-        if src in executed and "otter_answer_cell" not in tags and not src.startswith("grader.check"):
+        if in_question or src not in executed:
+            cell["outputs"], cell["execution_count"] = [], None
+        else:
             cell["outputs"] = copy.deepcopy(executed[src].get("outputs", []))
             cell["execution_count"] = executed[src].get("execution_count")
     return out

@@ -213,27 +213,31 @@ def _lab1_results(rows):
                         ).set_index("variant")
 
 
+def _track(step, rm, gold):
+    return [{"step": step * i, "rm score": r, "gold reward": g} for i, (r, g) in enumerate(zip(rm, gold))]
+
+
+def _chat_scores(accuracies):
+    return pd.DataFrame({"accuracy, chat": accuracies}, index=["add", "color_qa", "compare"])
+
+
 # the data the data-reading questions read, as each profile's run would produce it (rows the gpu profile skips:
 # torch's dynamic int8 and the GGUF rows where llama.cpp is absent, as on Colab; rows it adds: torchao int4)
 PROFILE_DATA = {
-    "00_course_loop": {
-        "cpu": "scores = pd.DataFrame({'accuracy, chat': [0.2, 0.6, 0.4]}, index=['add', 'color_qa', 'compare'])",
-        "gpu": "scores = pd.DataFrame({'accuracy, chat': [0.9, 0.3, 0.5]}, index=['add', 'color_qa', 'compare'])",
-    },
+    "00_course_loop": {"cpu": {"scores": _chat_scores([0.2, 0.6, 0.4])},
+                       "gpu": {"scores": _chat_scores([0.9, 0.3, 0.5])}},
     "01_quantization": {
-        "cpu": _lab1_results([("fp32", 13.9, 13.6, 0.66), ("int8, bitsandbytes", 6.2, 3.4, 0.64),
-                              ("nf4, bitsandbytes", 4.1, 1.7, 0.6), ("int2 per tensor, llmlab.quant", None, 0.85, 0.02),
-                              ("int8, torch dynamic", 5.1, 3.4, 0.65), ("Q2_K, llama.cpp", 2.0, 0.85, 0.5)]),
-        "gpu": _lab1_results([("fp32", 1450.0, 1448.0, 0.71), ("int8, bitsandbytes", 470.0, 362.0, 0.7),
-                              ("nf4, bitsandbytes", 300.0, 181.0, 0.69), ("int2 per tensor, llmlab.quant", None, 90.5, 0.0),
-                              ("int4 weight-only, torchao", 330.0, 181.0, 0.68)]),
+        "cpu": {"results": _lab1_results([
+            ("fp32", 13.9, 13.6, 0.66), ("int8, bitsandbytes", 6.2, 3.4, 0.64), ("nf4, bitsandbytes", 4.1, 1.7, 0.6),
+            ("int2 per tensor, llmlab.quant", None, 0.85, 0.02), ("int8, torch dynamic", 5.1, 3.4, 0.65),
+            ("Q2_K, llama.cpp", 2.0, 0.85, 0.5)])},
+        "gpu": {"results": _lab1_results([
+            ("fp32", 1450.0, 1448.0, 0.71), ("int8, bitsandbytes", 470.0, 362.0, 0.7),
+            ("nf4, bitsandbytes", 300.0, 181.0, 0.69), ("int2 per tensor, llmlab.quant", None, 90.5, 0.0),
+            ("int4 weight-only, torchao", 330.0, 181.0, 0.68)])},
     },
-    "03_alignment": {
-        "cpu": "ppo_track = [{'step': 5 * i, 'rm score': r, 'gold reward': g} for i, (r, g) in "
-               "enumerate(zip([1.98, 2.01, 1.997, 1.95, 1.93], [0.68, 0.66, 0.55, 0.45, 0.40]))]",
-        "gpu": "ppo_track = [{'step': 10 * i, 'rm score': r, 'gold reward': g} for i, (r, g) in "
-               "enumerate(zip([0.1, 0.5, 0.9, 1.2], [0.3, 0.35, 0.41, 0.44]))]",
-    },
+    "03_alignment": {"cpu": {"ppo_track": _track(5, [1.98, 2.01, 1.997, 1.95, 1.93], [0.68, 0.66, 0.55, 0.45, 0.40])},
+                     "gpu": {"ppo_track": _track(10, [0.1, 0.5, 0.9, 1.2], [0.3, 0.35, 0.41, 0.44])}},
 }
 
 # answers that call the library function the question asks the student to write
@@ -269,16 +273,8 @@ CONTEXT_CELLS = {"00_course_loop": [], "01_quantization": [], "04_inference_back
 
 def _answer_cells(master, student):
     """(question, solution source, blank source) for each autograded question, in order."""
-    sources, block, name = [], [], None
-    for cell in json.loads(Path(master).read_text())["cells"]:
-        kind = grading._raw_kind(cell)
-        if kind == "BEGIN QUESTION":
-            name = re.search(r"name:\s*(\w+)", grading._src(cell)).group(1)
-        if kind:
-            verb, what = kind.split()
-            block = block + [what] if verb == "BEGIN" else block[:-1]
-        elif cell["cell_type"] == "code" and block[-1:] == ["SOLUTION"]:
-            sources.append((name, grading._src(cell)))
+    sources = [(q, grading._src(cell)) for cell, block, q in grading._walk(master)
+               if cell["cell_type"] == "code" and block == "SOLUTION"]
     blanks = [grading._src(c) for c in json.loads(Path(student).read_text())["cells"]
               if c["cell_type"] == "code" and "otter_answer_cell" in c["metadata"].get("tags", [])]
     assert len(blanks) == len(sources), master
@@ -299,15 +295,7 @@ def _score(test_file, answer, context, data_):
 def _profile_data(lab):
     """What the data-reading questions read, per profile: ``results``, ``scores``, ``ppo_track``."""
     base = {"results": {"qa": [{"correct": True}], "chat": [{"correct": False}]}}
-    out = {}
-    for profile, given in PROFILE_DATA.get(lab, {"cpu": None}).items():
-        if isinstance(given, pd.DataFrame):
-            out[profile] = {**base, "results": given}
-        else:
-            env = {"pd": pd}
-            exec(given or "", env)
-            out[profile] = {**base, **{k: v for k, v in env.items() if k in ("scores", "ppo_track")}}
-    return out
+    return {profile: {**base, **given} for profile, given in PROFILE_DATA.get(lab, {"cpu": {}}).items()}
 
 
 @pytest.mark.parametrize("lab", [m.stem for m in MASTERS])
