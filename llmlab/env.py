@@ -10,6 +10,7 @@ import os
 import random
 from dataclasses import dataclass, field, replace
 
+from llmlab.display import use_book_style
 from llmlab.memory import estimate_inference_memory, estimate_training_memory
 
 COURSE_MODEL = "llmlab/course-model"  # the name `llmlab.models.load` resolves to the checkpoint shipped here
@@ -149,6 +150,7 @@ def setup(seed: int = 0, threads: int | None = None, profile: str | None = None,
             threads = 1
         _quiet_loading()
     set_seed(seed, threads)
+    use_book_style()  # figures sized for the book's column, stored hi-dpi (llmlab.display)
     if not quiet:
         print(f"llmlab profile: {p.name} | base model: {p.base_model} | offline: {is_offline()} | seed: {seed}")
     return p

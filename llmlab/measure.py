@@ -45,7 +45,12 @@ def table(rows: list[dict], index: str | None = None):
 
 
 def bar_plot(df, columns: list[str], title: str, ylabel: str, ax=None):
-    """Grouped bars of ``columns`` of ``df`` (rows on the x axis); returns the matplotlib Axes."""
+    """Grouped bars of ``columns`` of ``df`` (rows on the x axis); returns the matplotlib Axes.
+
+    Long row names are wrapped to the width of their bar (rotated if they would need more than three lines), a
+    single column needs no legend (the y label names it), and the bars leave headroom for the legend."""
+    import textwrap
+
     import matplotlib.pyplot as plt
     import pandas as pd
 
@@ -56,9 +61,20 @@ def bar_plot(df, columns: list[str], title: str, ylabel: str, ax=None):
         raise ValueError(f"columns {missing} not in the table; it has {list(df.columns)}")
     if ax is None:
         _, ax = plt.subplots(figsize=(7, 3.5))
-    df[columns].plot.bar(ax=ax, rot=0)
+    df[columns].plot.bar(ax=ax, rot=0, legend=len(columns) > 1)
     ax.set_title(title)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
+    names = [str(i) for i in df.index]
+    font_pt = plt.rcParams["font.size"] * 0.9
+    axes_chars = ax.get_position().width * ax.figure.get_figwidth() * 72 / (0.55 * font_pt)
+    per_bar = max(6, int(axes_chars / max(1, len(names))) - 1)
+    wrapped = [textwrap.wrap(n, per_bar, break_long_words=False) or [n] for n in names]
+    if max(len(w) for w in wrapped) <= 3:
+        ax.set_xticks(range(len(names)), ["\n".join(w) for w in wrapped], rotation=0, fontsize=font_pt)
+    else:
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=font_pt)
+    ax.margins(y=0.22)
+    ax.autoscale_view()
     plt.tight_layout()
     return ax

@@ -1,4 +1,4 @@
-"""How much memory a model needs: the notes' rule of thumb, a better breakdown, and measurements to check both.
+"""How much memory a model needs: a common rule of thumb, a better breakdown, and measurements to check both.
 
 Chapter: Memory and compute. Everything is in decimal gigabytes (1 GB = 10^9 bytes), which is what the rule of
 thumb's examples use; GPU specs and ``nvidia-smi`` report GiB (2^30 bytes), 7.4 % more per unit.
@@ -36,9 +36,9 @@ def _bits(bits, name="bits"):
 
 
 def estimate_inference_memory(n_params, bits, overhead=0.2) -> float:
-    """The course notes' rule of thumb, in GB: ``M = (P * 4 bytes) / (32 / Q) * (1 + overhead)``.
+    """A common rule of thumb, in GB: ``M = (P * 4 bytes) / (32 / Q) * (1 + overhead)``.
 
-    ``(P * 4) / (32 / Q)`` is just ``P * Q / 8`` bytes: the weights at Q bits each. The notes' 1.2 lumps
+    ``(P * 4) / (32 / Q)`` is just ``P * Q / 8`` bytes: the weights at Q bits each. Its 1.2 lumps
     everything else (KV cache, activations, CUDA context, allocator) into 20 %.
     >>> round(estimate_inference_memory(7e9, 16), 2)
     16.8

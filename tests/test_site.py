@@ -52,7 +52,7 @@ def test_title_and_typeset_math(memory_page):
 
 def test_executed_outputs_are_shown(memory_page):
     assert "cell_output" in memory_page
-    assert "16.8" in text_of(memory_page)  # the notes' example, computed by a cell
+    assert "16.8" in text_of(memory_page)  # the rule of thumb's worked example, computed by a cell
     assert re.search(r'<img[^>]+src="[^"]+\.png"', memory_page), "the chapter's plots are missing"
 
 
