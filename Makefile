@@ -1,5 +1,5 @@
 # LLM Lab. The README's two commands: `make book` (the website) and `make test` (everything).
-# Both create .venv on first use. Other targets: execute, assign, grade, lock, canary, doctor, clean.
+# Both create .venv on first use. Other targets: execute, assign, format, grade, lock, canary, doctor, clean.
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 PYTHON ?= python3
@@ -39,7 +39,7 @@ CPU_ENV := $(if $(CPU),ATEN_CPU_CAPABILITY=$(CPU) ONEDNN_MAX_CPU_ISA=AVX2 MKL_EN
 # the workers balanced: conftest.py hands out the longest files first).
 CPU_REPORT := _build/cpu-report
 
-.PHONY: book test test-cpus execute assign grade lock canary doctor clean chromium venv
+.PHONY: book test test-cpus execute assign format grade lock canary doctor clean chromium venv
 
 venv: $(STAMP)
 
@@ -95,6 +95,11 @@ execute: $(STAMP)
 # (the same student files, which the site and Colab show).
 assign: $(STAMP)
 	$(BIN)/python -m llmlab.grading assign --labs labs --dist dist
+
+# The chapters' code at the column's 88 characters (tests/test_book.py checks it, and the students' labs too:
+# their masters are formatted by hand, since a formatter splits `# SOLUTION` lines that otter must strip).
+format: $(STAMP)
+	$(BIN)/ruff format --line-length 88 $(CHAPTERS)
 
 # Grade a folder of submissions without Docker: make grade LAB=00_course_loop SUBMISSIONS=path/to/folder
 grade: $(STAMP)
