@@ -103,7 +103,9 @@ def test_grading_scores_solutions_blanks_wrong_raising_looping_and_imported_answ
     _submission(r["student"], {0: "kv_bytes = 1", 1: "def accuracy(rows):\n    return sum(bool(r['correct']) for r in rows) / len(rows)",
                                2: "best_chat_kind = 'add'"}, subs / "c_wrong.ipynb")
     _submission(r["student"], {0: kv, 1: "raise RuntimeError('student bug')", 2: best}, subs / "d_raises.ipynb")
-    _submission(r["student"], {0: kv, 1: acc + "\nwhile True:\n    pass"}, subs / "e_loops.ipynb")
+    # a submission that never finishes (it waits rather than spins, leaving the CPU to the other test worker)
+    _submission(r["student"], {0: kv, 1: acc + "\nimport time\nwhile True:\n    time.sleep(1)"},
+                subs / "e_loops.ipynb")
     # right answers, but q2 hands the work to the llmlab function it asks for
     _submission(r["student"], {0: kv, 1: "def accuracy(rows):\n    return evaluate.accuracy(rows)['value']", 2: best},
                 subs / "f_imports.ipynb")
