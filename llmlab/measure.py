@@ -78,3 +78,37 @@ def bar_plot(df, columns: list[str], title: str, ylabel: str, ax=None):
     ax.autoscale_view()
     plt.tight_layout()
     return ax
+
+
+GPU_RESULTS = "gpu_results.json"  # in llmlab/assets: what a real GPU measured, or pending
+
+
+def _gpu_results() -> dict:
+    import json
+    from importlib.resources import files
+
+    return json.loads(files("llmlab.assets").joinpath(GPU_RESULTS).read_text())["results"]
+
+
+def gpu_reference(key: str):
+    """The stored GPU reference result ``key`` (llmlab/assets/gpu_results.json), shown beside a CPU run that
+    skips a GPU-only measurement. Pending until a real GPU run fills it: then a DataFrame, printed with the GPU,
+    the date and the versions it was measured with; until then one line saying so, and ``None``. Used by
+    Distillation and pruning, Fine-tuning, Inference, Serving, and labs 1 and 4."""
+    import pandas as pd
+
+    results = _gpu_results()
+    if key not in results:
+        raise ValueError(f"no GPU reference result {key!r}; known: {sorted(results)}")
+    entry = results[key]
+    if entry["status"] == "pending":
+        print(f"GPU reference (stored, {key}): pending. No GPU run has filled it yet; it will show "
+              f"{entry['measures']} (columns: {', '.join(entry['columns'])}), with the GPU and the date.")
+        return None
+    missing = [f for f in ("gpu", "date", "command", "versions") if not entry.get(f)]
+    if entry["status"] != "measured" or missing or not entry["rows"]:
+        raise ValueError(f"GPU reference {key!r} is neither pending nor measured with its provenance "
+                         f"(status {entry['status']!r}, missing {missing or 'rows'})")
+    print(f"GPU reference (stored, {key}, not run here): {entry['measures']}; measured on {entry['gpu']} on "
+          f"{entry['date']} with {entry['versions']} ({entry['command']})")
+    return pd.DataFrame(entry["rows"], columns=entry["columns"])

@@ -228,3 +228,19 @@ def test_long_printouts_are_folded(nb):
                     if o.get("output_type") == "stream")
         if lines > 40:
             assert "hide-output" in c["metadata"].get("tags", []), f"{nb} cell {c['id']}: {lines} lines shown"
+
+
+def test_gpu_only_measurements_show_their_stored_gpu_reference():
+    """Where a page skips a measurement that needs a CUDA GPU, it shows the stored GPU reference beside the
+    skip (llmlab.measure.gpu_reference): a dated table from a real GPU run, or a line saying it is pending."""
+    from llmlab import measure
+
+    shown = set()
+    for nb in CHAPTERS + STUDENT:
+        text = "\n".join("".join(o.get("text", "")) for c in cells(nb) for o in c.get("outputs", []))
+        shown |= set(re.findall(r"GPU reference \(stored, ([\w-]+)\)", text))
+        gpu_skips = [line for line in text.splitlines() if line.startswith("skipped")
+                     and re.search(r"\b(GPU|CUDA)\b", line) and "launch" not in line]
+        if gpu_skips:
+            assert "GPU reference (stored" in text, f"{nb} skips {gpu_skips[0][:80]!r} with no GPU reference"
+    assert shown == set(measure._gpu_results()), "every stored GPU reference is shown on its page"

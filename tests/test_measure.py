@@ -1,6 +1,7 @@
 import matplotlib
 
 matplotlib.use("Agg")
+import pandas as pd
 import pytest
 
 from llmlab import measure
@@ -35,3 +36,24 @@ def test_bad_inputs():
         measure.bar_plot(measure.table([{"x": 1}]), ["z"], "t", "y")
     with pytest.raises(TypeError):
         measure.bar_plot([1, 2], ["x"], "t", "y")
+
+
+def test_gpu_reference_is_pending_or_measured_with_provenance(monkeypatch, capsys):
+    for key, entry in measure._gpu_results().items():
+        assert entry["status"] in ("pending", "measured") and entry["columns"] and entry["measures"]
+        if entry["status"] == "pending":  # nothing invented while no GPU has run it
+            assert not entry["rows"] and not entry["gpu"] and not entry["date"]
+            assert measure.gpu_reference(key) is None
+            assert "pending" in capsys.readouterr().out
+        else:
+            assert isinstance(measure.gpu_reference(key), pd.DataFrame)
+    with pytest.raises(ValueError, match="known:"):
+        measure.gpu_reference("no-such-result")
+    measured = {"status": "measured", "measures": "tokens/s", "columns": ["engine", "tokens/s"],
+                "rows": [["vLLM", 812.5]], "gpu": "NVIDIA T4", "date": "2026-12-01", "command": "make gpu",
+                "versions": "vllm 0.11"}
+    monkeypatch.setattr(measure, "_gpu_results", lambda: {"x": measured, "y": {**measured, "gpu": None}})
+    df = measure.gpu_reference("x")
+    assert df.loc[0, "tokens/s"] == 812.5 and "NVIDIA T4 on 2026-12-01" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="provenance"):
+        measure.gpu_reference("y")
