@@ -30,7 +30,8 @@ TEST_JOBS ?= 2
 PYTEST_NB := --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg --nbval-cell-timeout=600 -p tests.nbval_portable
 # PyTorch's CPU kernels. Empty: this machine's own (AVX-512, AVX2 or NEON). `default` or `avx2`: round as another
 # CPU does (PyTorch's portable or AVX2 kernels; oneDNN and MKL capped at AVX2). `make test-cpus` is
-# `make test CPU=default`, what CI runs: the outputs stored on one machine checked against another's rounding.
+# `make test CPU=default`, the most different rounding; CI runs `make test CPU=avx2` (the AVX2 kernels most other
+# x86 CPUs use, as fast as this machine's own): the outputs stored on one machine checked against another's rounding.
 CPU ?=
 CPU_ENV := $(if $(CPU),ATEN_CPU_CAPABILITY=$(CPU) ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2,)
 # No progress bars (TQDM_DISABLE=1), as in `make execute`: the stored outputs hold none.
