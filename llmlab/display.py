@@ -4,7 +4,7 @@ missing value instead of ``NaN``. Used by every chapter and lab through ``llmlab
 The website's text column is ``COLUMN_PX`` (784) CSS pixels wide. Matplotlib draws at ``DPI`` (100) pixels per
 inch, so a figure at most ``MAX_WIDTH_IN`` inches wide is shown at its real size, fonts included, instead of
 being squeezed. Notebooks store it at twice that density ("retina" PNG, with its display size in the output's
-metadata), so lines and labels stay crisp on hi-dpi screens. tests/test_project.py checks every stored figure.
+metadata), so lines and labels stay crisp on hi-dpi screens. tests/test_book.py checks every stored figure.
 """
 from __future__ import annotations
 
@@ -49,15 +49,18 @@ def use_book_style() -> None:
     formatters["text/plain"].for_type(pd.DataFrame, lambda df, p, cycle: p.text(table_text(df)))
 
 
-def _repr_params() -> dict:
+def _repr_params(df) -> dict:
+    import pandas as pd
     from pandas.io.formats.format import get_dataframe_repr_params
 
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"df must be a pandas DataFrame, got {type(df).__name__}")
     return get_dataframe_repr_params()
 
 
 def table_html(df) -> str:
     """A DataFrame as a notebook shows it, with ``MISSING`` where pandas would print NaN."""
-    params = _repr_params()
+    params = _repr_params(df)
     params.pop("line_width", None)
     params.pop("max_colwidth", None)
     params.pop("min_rows", None)
@@ -66,7 +69,7 @@ def table_html(df) -> str:
 
 def table_text(df) -> str:
     """A DataFrame's plain-text repr, with ``MISSING`` where pandas would print NaN."""
-    params = _repr_params()
+    params = _repr_params(df)
     params.pop("max_colwidth", None)
     return df.to_string(na_rep=MISSING, **params)
 
