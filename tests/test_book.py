@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,7 +44,7 @@ def test_code_fits_the_column(nb):
 def test_notebook_code_is_formatted():
     """The chapters' code as ruff formats it (make format). The lab masters are formatted by hand: a formatter
     would split a `# SOLUTION` line or a hidden test into fragments that otter cannot strip."""
-    ruff = shutil.which("ruff", path=str(Path(__import__("sys").executable).parent)) or shutil.which("ruff")
+    ruff = shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
     assert ruff, "ruff is missing: it is in the dev extra (make venv)"
     out = subprocess.run([ruff, "format", "--check", "--no-cache", f"--line-length={WIDTH}", *CHAPTERS],
                          capture_output=True, text=True, cwd=ROOT)
