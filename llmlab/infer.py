@@ -9,7 +9,8 @@ Chapter: Inference. ``decode`` is a decode loop that keeps its own KV cache (gre
 ``sample_next``: temperature, ``top_k_filter``, ``top_p_filter``); ``speculative_decode`` lets a small draft model
 propose tokens that the target checks in one pass; ``prompt_lookup_candidates`` drafts from the prompt itself;
 ``benchmark`` times a generation (time to first token, per-token latency, tokens/s) and ``roofline`` gives the
-memory-bandwidth bound on decoding speed. Each is checked in the tests against transformers: ``decode`` against
+roofline bound on decoding speed (memory bandwidth and peak compute). Each is checked in the tests against
+transformers: ``decode`` against
 ``model.generate``, the filters against its logits warpers, ``speculative_decode`` against the target's own greedy
 output and, sampling, against the target's exact probabilities.
 """
@@ -123,6 +124,11 @@ def score_completions(tasks, completions: list[str]) -> list[dict]:
 # PCIe card has 1935 GB/s); AWS's A10G has the A10's 600 GB/s.
 GPU_BANDWIDTH_GB_S = {"T4": 320, "L4": 300, "A10G": 600, "RTX 4090": 1008, "A100-40GB": 1555, "A100-80GB": 2039,
                       "H100 PCIe": 2000, "H100 SXM": 3350, "H200": 4800}
+# Peak dense 16-bit (FP16/BF16) tensor-core throughput in TFLOP/s (10^12 FLOP/s) from the same data sheets, without
+# the 2:4 sparsity that doubles the headline figure (H100 SXM: 1,979 with sparsity, 989 dense). Only the GPUs whose
+# data sheet gives the figure directly; the A10G's and the RTX 4090's depend on clocks and accumulation precision.
+GPU_PEAK_TFLOPS = {"T4": 65, "L4": 121, "A100-40GB": 312, "A100-80GB": 312, "H100 PCIe": 756, "H100 SXM": 989,
+                   "H200": 989}
 
 
 # ------------------------------------------------------------------ checks --
@@ -476,15 +482,31 @@ def benchmark(fn_or_model, input_ids: torch.Tensor | None = None, new_tokens: in
 
 
 def roofline(n_params, bytes_per_param, bandwidth_gb_s, batch_size: int = 1, kv_bytes_per_token=0,
-             context: int = 0) -> dict:
-    """The memory-bandwidth bound on decoding speed. Each decode step reads every weight once (shared by the
-    whole batch) and each sequence's KV cache (``kv_bytes_per_token * context`` bytes, see
-    ``llmlab.memory.kv_cache_bytes``), so a step takes at least ``bytes_per_step / bandwidth``. At batch 1 that
-    bound, not the arithmetic, is what limits decoding.
+             context: int = 0, peak_tflops=None, flops_per_token=None) -> dict:
+    """The roofline bound on decoding speed: the slower of a memory roof and a compute roof.
 
-    ``bandwidth_gb_s``: GB/s, or a GPU name in ``GPU_BANDWIDTH_GB_S``. Returns ``weight_bytes``, ``kv_bytes``,
-    ``bytes_per_step``, ``step_s`` (a lower bound), ``tokens_per_s_per_sequence`` and ``tokens_per_s`` (all
-    sequences; upper bounds).
+    Chapter: Inference (section 6). Memory roof: each decode step reads every weight once (shared by the whole
+    batch) and each sequence's KV cache (``kv_bytes_per_token * context`` bytes, see
+    ``llmlab.memory.kv_cache_bytes``), so a step takes at least ``bytes_per_step / bandwidth``. Compute roof:
+    the step does ``batch_size * flops_per_token`` FLOPs (default ``2 * n_params``: one multiply-add per weight
+    per token), so it takes at least ``flops_per_step / peak``. The step time is the larger of the two, hence
+    ``tokens_per_s = min(memory bound, compute bound)``. The arithmetic intensity (FLOPs per byte read) decides
+    which roof binds: below the ridge point ``peak / bandwidth`` a step is memory-bound, above it compute-bound.
+    At batch 1 the intensity is about 2 / ``bytes_per_param``, far below any GPU's ridge point.
+
+    ``bandwidth_gb_s``: GB/s (10^9 bytes/s), or a GPU name in ``GPU_BANDWIDTH_GB_S``. ``peak_tflops``: TFLOP/s
+    (10^12 FLOP/s), a GPU name in ``GPU_PEAK_TFLOPS`` (dense 16-bit tensor-core peak), or None for no compute roof
+    (an infinitely fast processor: the memory bound alone, as this function returned before it had the compute
+    roof). ``flops_per_token``: FLOPs per generated token of one sequence (add attention's ``4 * n_layers *
+    d_query * context`` for long caches); default ``2 * n_params``.
+
+    Returns ``weight_bytes``, ``kv_bytes``, ``bytes_per_step``, ``flops_per_step``, ``arithmetic_intensity``
+    (FLOP/byte), ``ridge_point`` (FLOP/byte; ``inf`` without a compute roof), ``memory_step_s`` and
+    ``compute_step_s`` (lower bounds from each roof; ``compute_step_s`` is 0.0 without one), ``step_s`` (their
+    maximum), ``bound`` (``"memory"`` or ``"compute"``: the roof that sets ``step_s``; a tie counts as memory),
+    ``memory_bound_tokens_per_s`` and ``compute_bound_tokens_per_s`` (all sequences; ``inf`` without a compute
+    roof), ``tokens_per_s_per_sequence`` and ``tokens_per_s`` (all sequences; upper bounds, the minimum of the two
+    roofs) and ``attainable_tflops`` (``min(peak, intensity * bandwidth)``, the classic roofline's y axis).
     """
     for v, name in ((n_params, "n_params"), (bytes_per_param, "bytes_per_param")):
         _real(v, name, low_open=True)
@@ -497,10 +519,32 @@ def roofline(n_params, bytes_per_param, bandwidth_gb_s, batch_size: int = 1, kv_
     _count(batch_size, "batch_size")
     _real(kv_bytes_per_token, "kv_bytes_per_token")
     _count(context, "context", minimum=0)
+    if isinstance(peak_tflops, str):
+        if peak_tflops not in GPU_PEAK_TFLOPS:
+            raise ValueError(f"no peak TFLOP/s stored for {peak_tflops!r}; known: {sorted(GPU_PEAK_TFLOPS)} "
+                             "(or pass its peak in TFLOP/s)")
+        peak_tflops = GPU_PEAK_TFLOPS[peak_tflops]
+    if peak_tflops is not None:
+        _real(peak_tflops, "peak_tflops", low_open=True)
+    if flops_per_token is None:
+        flops_per_token = 2 * n_params
+    _real(flops_per_token, "flops_per_token", low_open=True)
 
     weight_bytes = n_params * bytes_per_param
     kv_bytes = batch_size * context * kv_bytes_per_token
     bytes_per_step = weight_bytes + kv_bytes
-    step_s = bytes_per_step / (bandwidth_gb_s * 1e9)
-    return {"weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "bytes_per_step": bytes_per_step, "step_s": step_s,
-            "tokens_per_s_per_sequence": 1 / step_s, "tokens_per_s": batch_size / step_s}
+    flops_per_step = batch_size * flops_per_token
+    bandwidth = bandwidth_gb_s * 1e9  # bytes/s
+    peak = math.inf if peak_tflops is None else peak_tflops * 1e12  # FLOP/s
+    memory_step_s = bytes_per_step / bandwidth
+    compute_step_s = flops_per_step / peak
+    step_s = max(memory_step_s, compute_step_s)
+    intensity = flops_per_step / bytes_per_step
+    return {"weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "bytes_per_step": bytes_per_step,
+            "flops_per_step": flops_per_step, "arithmetic_intensity": intensity, "ridge_point": peak / bandwidth,
+            "memory_step_s": memory_step_s, "compute_step_s": compute_step_s, "step_s": step_s,
+            "bound": "memory" if memory_step_s >= compute_step_s else "compute",
+            "memory_bound_tokens_per_s": batch_size / memory_step_s,
+            "compute_bound_tokens_per_s": batch_size / compute_step_s if compute_step_s > 0 else math.inf,
+            "tokens_per_s_per_sequence": 1 / step_s, "tokens_per_s": batch_size / step_s,
+            "attainable_tflops": min(peak, intensity * bandwidth) / 1e12}

@@ -279,6 +279,35 @@ def test_roofline():
         infer.roofline(7e9, 2, 1000, batch_size=True)
 
 
+def test_roofline_compute_roof():
+    """tokens_per_s = min(memory bound, compute bound); the ridge point splits them."""
+    old = infer.roofline(7e9, 2, 1000, batch_size=8, kv_bytes_per_token=1e5, context=1000)
+    assert old["bound"] == "memory" and old["compute_step_s"] == 0.0 and old["ridge_point"] == math.inf
+    assert old["tokens_per_s"] == old["memory_bound_tokens_per_s"] and old["compute_bound_tokens_per_s"] == math.inf
+    # 7B in 16 bits on 1000 GB/s and 100 TFLOP/s: intensity = 2 P B / (2 P) = B FLOP/byte, ridge 100 FLOP/byte
+    for batch in (1, 10, 99, 100, 101, 400):
+        r = infer.roofline(7e9, 2, 1000, batch_size=batch, peak_tflops=100)
+        memory_bound, compute_bound = batch / 0.014, 100e12 / 14e9
+        assert r["arithmetic_intensity"] == pytest.approx(batch) and r["ridge_point"] == pytest.approx(100)
+        assert r["memory_bound_tokens_per_s"] == pytest.approx(memory_bound)
+        assert r["compute_bound_tokens_per_s"] == pytest.approx(compute_bound)
+        assert r["tokens_per_s"] == pytest.approx(min(memory_bound, compute_bound))
+        assert r["step_s"] == max(r["memory_step_s"], r["compute_step_s"])
+        assert r["bound"] == ("memory" if batch <= 100 else "compute")
+        assert r["attainable_tflops"] == pytest.approx(min(100, batch * 1000 / 1000))
+    # a GPU name for the peak; flops_per_token adds attention's FLOPs
+    r = infer.roofline(7e9, 2, "H100 SXM", peak_tflops="H100 SXM", batch_size=512, flops_per_token=2 * 7e9 + 1e9)
+    assert r["flops_per_step"] == 512 * 15e9 and r["ridge_point"] == pytest.approx(989e12 / 3350e9)
+    assert r["bound"] == "compute" and r["tokens_per_s"] == pytest.approx(989e12 / 15e9)
+    assert set(infer.GPU_PEAK_TFLOPS) <= set(infer.GPU_BANDWIDTH_GB_S)
+    for kw, error in (({"peak_tflops": 0}, ValueError), ({"peak_tflops": -1.0}, ValueError),
+                      ({"peak_tflops": math.nan}, ValueError), ({"peak_tflops": "B200"}, ValueError),
+                      ({"peak_tflops": True}, TypeError), ({"flops_per_token": 0}, ValueError),
+                      ({"flops_per_token": "2"}, TypeError)):
+        with pytest.raises(error):
+            infer.roofline(7e9, 2, 1000, **kw)
+
+
 def test_inference_bad_inputs(course_model):
     model, tok = course_model
     ids = _ids(tok, PROMPTS[0])
