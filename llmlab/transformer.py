@@ -403,6 +403,65 @@ def online_softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return (out / row_sum).to(q.dtype)
 
 
+# ------------------------------------------------------- KV cache of attention variants --
+
+LAYER_TYPES = ("full_attention", "sliding_attention")  # transformers' names in ``config.layer_types``
+
+
+def _bits(bits):
+    _int(bits, "bits")
+    if bits not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"bits must be one of (1, 2, 4, 8, 16, 32), got {bits}")
+    return bits
+
+
+def mla_cache_bytes(num_layers: int, kv_lora_rank: int, qk_rope_head_dim: int, seq_len: int,
+                    batch_size: int = 1, bits: int = 16) -> int:
+    """Bytes of the KV cache of multi-head latent attention (MLA, DeepSeek-V2 and V3).
+
+    Chapter: Attention. MLA caches, per layer and token, one compressed latent of ``kv_lora_rank`` numbers
+    (every head's keys and values are up-projected from it) and one RoPE key of ``qk_rope_head_dim`` numbers
+    shared by all heads: ``num_layers * (kv_lora_rank + qk_rope_head_dim) * seq_len * batch_size * bits / 8``,
+    whatever the number of heads. transformers' ``DeepseekV3Attention`` caches exactly these two tensors (checked
+    in the tests against a filled ``DynamicCache``).
+    """
+    for v, name in ((num_layers, "num_layers"), (kv_lora_rank, "kv_lora_rank"),
+                    (qk_rope_head_dim, "qk_rope_head_dim"), (batch_size, "batch_size")):
+        _int(v, name)
+    _int(seq_len, "seq_len", minimum=0)
+    return num_layers * (kv_lora_rank + qk_rope_head_dim) * seq_len * batch_size * _bits(bits) // 8
+
+
+def hybrid_cache_bytes(layer_types, num_kv_heads: int, head_dim: int, seq_len: int,
+                       sliding_window: int | None = None, batch_size: int = 1, bits: int = 16) -> int:
+    """Bytes of the KV cache of a model that mixes global and sliding-window attention layers.
+
+    Chapter: Attention. ``layer_types``: one entry per layer, ``"full_attention"`` or ``"sliding_attention"``
+    (transformers' ``config.layer_types``: Mistral 7B is all sliding, Gemma 2 alternates 1:1, Gemma 3 has five
+    sliding layers per global one). A query in a sliding layer sees itself and the ``sliding_window - 1`` tokens
+    before it, so between decode steps such a layer keeps ``min(seq_len, sliding_window - 1)`` tokens; a global
+    layer keeps all ``seq_len``. Each kept token costs a key and a value of ``num_kv_heads * head_dim`` numbers.
+    Equal to the bytes of transformers' ``DynamicCache`` after a forward pass (checked in the tests); with every
+    layer global it is ``llmlab.memory.kv_cache_bytes``.
+    """
+    if isinstance(layer_types, str) or not hasattr(layer_types, "__iter__"):
+        raise TypeError(f"layer_types must be a sequence of {LAYER_TYPES}, got {type(layer_types).__name__}")
+    layer_types = list(layer_types)
+    if not layer_types or any(t not in LAYER_TYPES for t in layer_types):
+        raise ValueError(f"layer_types must be a non-empty sequence of {LAYER_TYPES}, got {layer_types[:4]}...")
+    for v, name in ((num_kv_heads, "num_kv_heads"), (head_dim, "head_dim"), (batch_size, "batch_size")):
+        _int(v, name)
+    _int(seq_len, "seq_len", minimum=0)
+    if "sliding_attention" in layer_types:
+        if sliding_window is None:
+            raise ValueError("sliding layers need sliding_window (the tokens a query sees, itself included)")
+        _int(sliding_window, "sliding_window", minimum=2)
+    elif sliding_window is not None:
+        _int(sliding_window, "sliding_window", minimum=2)
+    tokens = sum(seq_len if t == "full_attention" else min(seq_len, sliding_window - 1) for t in layer_types)
+    return 2 * num_kv_heads * head_dim * tokens * batch_size * _bits(bits) // 8
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with grouped-query heads and RoPE: q/k/v projections, rotate q and k, attend
     (causal), merge the heads, output projection ``o_proj``.

@@ -550,3 +550,57 @@ def test_bad_model_input_raises_one_clear_error(tiny, tmp_path):
     tiny(ids, kv_cache=cache)
     with pytest.raises(ValueError, match="kv_cache holds"):
         tiny(torch.tensor([[1], [2]]), kv_cache=cache)  # a cache built for batch 1, reused for batch 2
+
+
+def _filled_cache(model_cls, config, seq_len):
+    """transformers' DynamicCache after one forward pass of a tiny random model over seq_len tokens."""
+    from transformers import DynamicCache
+
+    torch.manual_seed(0)
+    model, cache = model_cls(config).eval(), DynamicCache(config=config)
+    with torch.no_grad():
+        model(torch.randint(0, config.vocab_size, (2, seq_len)), past_key_values=cache, use_cache=True)
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+def test_mla_cache_bytes_equal_transformers_deepseek_v3_cache():
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    config = DeepseekV3Config(vocab_size=64, hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16,
+                              q_lora_rank=24, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                              n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+                              first_k_dense_replace=1)
+    assert _filled_cache(DeepseekV3ForCausalLM, config, 10) == T.mla_cache_bytes(2, 16, 4, 10, batch_size=2, bits=32)
+    # DeepSeek-V3's published shape (transformers' DeepseekV3Config defaults): 61 layers, latent 512 + rope 64
+    v3 = DeepseekV3Config()
+    per_token = T.mla_cache_bytes(v3.num_hidden_layers, v3.kv_lora_rank, v3.qk_rope_head_dim, 1)
+    assert per_token == 61 * 576 * 2 == 70_272
+    for bad, error in (((0, 512, 64, 1), ValueError), ((61, 512.0, 64, 1), TypeError), ((61, 512, 64, -1), ValueError)):
+        with pytest.raises(error):
+            T.mla_cache_bytes(*bad)
+    with pytest.raises(ValueError):
+        T.mla_cache_bytes(61, 512, 64, 1, bits=12)
+
+
+def test_hybrid_cache_bytes_equal_transformers_sliding_cache():
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from llmlab import memory
+
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8)
+    assert config.layer_types.count("sliding_attention") == 5  # Gemma 3: five local layers per global one
+    for seq_len in (5, 20):  # shorter and longer than the window
+        theirs = _filled_cache(Gemma3ForCausalLM, config, seq_len)
+        assert theirs == T.hybrid_cache_bytes(config.layer_types, 1, 16, seq_len, 8, batch_size=2, bits=32)
+    # all global: the plain formula
+    assert T.hybrid_cache_bytes(["full_attention"] * 32, 8, 128, 4096) == memory.kv_cache_bytes(32, 8, 128, 4096)
+    assert T.hybrid_cache_bytes(["sliding_attention"] * 2, 1, 1, 10, sliding_window=4, bits=8) == 2 * 2 * 3
+    for args, kw, error in ((("full_attention", 1, 1, 1), {}, TypeError), (([], 1, 1, 1), {}, ValueError),
+                            ((["local"], 1, 1, 1), {}, ValueError), ((["sliding_attention"], 1, 1, 1), {}, ValueError),
+                            ((["sliding_attention"], 1, 1, 1), {"sliding_window": 1}, ValueError),
+                            ((["full_attention"], 1, 1, 1), {"sliding_window": 2.0}, TypeError),
+                            ((["full_attention"], 0, 1, 1), {}, ValueError)):
+        with pytest.raises(error):
+            T.hybrid_cache_bytes(*args, **kw)
