@@ -14,6 +14,11 @@ Conventions, as peft's defaults: ``A`` is initialised like an ``nn.Linear`` weig
 (or in the base's dtype where that is wider), the input is cast to their dtype and the update cast back to the
 base output's dtype. Targets are matched on the last component of a module's name (``"q_proj"`` matches
 ``model.layers.0.self_attn.q_proj``), as peft does for a list of names.
+
+rsLoRA (Kalajdzievski, 2023, arXiv 2312.03732) changes only the scale: ``alpha / sqrt(r)`` in place of
+``alpha / r`` (``use_rslora=True`` here and in peft's ``LoraConfig``). With ``alpha / r`` the update of a trained
+adapter shrinks as ``r`` grows, so high ranks learn little more than low ones; ``alpha / sqrt(r)`` keeps its
+size steady across ranks.
 """
 from __future__ import annotations
 
@@ -52,6 +57,20 @@ def _alpha(alpha):
     return alpha
 
 
+def _flag(v, name):
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+    return v
+
+
+def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
+    """The factor on ``B @ A``: ``alpha / r`` (LoRA), or ``alpha / sqrt(r)`` with ``use_rslora`` (rsLoRA,
+    Kalajdzievski 2023), as peft's ``LoraConfig(use_rslora=...)`` computes it. Chapter: Fine-tuning."""
+    _rank(r)
+    _alpha(alpha)
+    return alpha / math.sqrt(r) if _flag(use_rslora, "use_rslora") else alpha / r
+
+
 def _dropout(p):
     if not 0 <= _number(p, "dropout") < 1:
         raise ValueError(f"dropout must be in [0, 1), got {p}")
@@ -85,13 +104,16 @@ def _is_4bit(weight):
 
 class LoRALinear(nn.Module):
     """``base(x) + B(A(dropout(x))) * alpha / r`` around a frozen ``base``: an ``nn.Linear``, or a bitsandbytes
-    ``Linear4bit`` (QLoRA), which is an ``nn.Linear`` subclass with a packed 4-bit weight."""
+    ``Linear4bit`` (QLoRA), which is an ``nn.Linear`` subclass with a packed 4-bit weight. ``use_rslora=True``
+    scales by ``alpha / sqrt(r)`` instead (rsLoRA)."""
 
-    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0):
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                 use_rslora: bool = False):
         super().__init__()
         if not isinstance(base, nn.Linear):
             raise TypeError(f"base must be a torch.nn.Linear (or a bitsandbytes Linear4bit), got {type(base).__name__}")
-        self.r, self.alpha, self.scaling = _rank(r), _alpha(alpha), alpha / r
+        self.r, self.alpha, self.use_rslora = _rank(r), _alpha(alpha), _flag(use_rslora, "use_rslora")
+        self.scaling = lora_scaling(r, alpha, use_rslora)
         self.base = base.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
         w = base.weight
@@ -108,11 +130,12 @@ class LoRALinear(nn.Module):
         return (result + update).to(result.dtype)  # add in the wider dtype, then round once
 
     def delta_weight(self) -> torch.Tensor:
-        """The update as a full matrix, ``B @ A * alpha / r`` (out x in): what ``merge_lora`` adds to the weight."""
+        """The update as a full matrix, ``B @ A * scaling`` (out x in): what ``merge_lora`` adds to the weight."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, alpha={self.alpha}"
+        rs = ", use_rslora=True" if self.use_rslora else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}, alpha={self.alpha}{rs}"
 
 
 # ------------------------------------------------------------- whole models --
@@ -139,14 +162,15 @@ def _keep_4bit_layers_differentiable(model):
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16,
                target_modules: str | list[str] | tuple[str, ...] = ("q_proj", "v_proj"),
-               dropout: float = 0.0) -> nn.Module:
+               dropout: float = 0.0, use_rslora: bool = False) -> nn.Module:
     """Freeze every parameter of ``model`` and wrap each Linear named in ``target_modules`` (matched on the last
     component of its name) in a ``LoRALinear``, in place. Returns ``model``; only the ``lora_A`` / ``lora_B``
-    parameters are trainable."""
+    parameters are trainable. ``use_rslora=True``: scale by ``alpha / sqrt(r)`` (rsLoRA, as peft's option)."""
     _module(model)
     _rank(r)
     _alpha(alpha)
     _dropout(dropout)
+    _flag(use_rslora, "use_rslora")
     targets = _targets(target_modules)
     found = {name: module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in targets}
     for name, module in found.items():
@@ -164,7 +188,7 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16,
             p.requires_grad_(False)
     for name, module in found.items():
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, LoRALinear(module, r, alpha, dropout))
+        setattr(model.get_submodule(parent), child, LoRALinear(module, r, alpha, dropout, use_rslora))
     return model
 
 
@@ -176,7 +200,7 @@ def _lora_layers(model):
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold each adapter into its base weight, ``W += B @ A * alpha / r``, and put the plain Linear back, in place.
+    """Fold each adapter into its base weight, ``W += B @ A * scaling``, and put the plain Linear back, in place.
 
     The merged model computes the same function with no extra cost per token. Only full-precision bases can be
     merged: a 4-bit weight cannot take the update without requantizing it (and losing most of it).

@@ -44,12 +44,13 @@ def _logits(model, ids):
         return model(ids).logits
 
 
-def _pair(base, r, alpha, targets, dropout=0.0, seed=1):
+def _pair(base, r, alpha, targets, dropout=0.0, seed=1, use_rslora=False):
     """llmlab and peft LoRA on two copies of ``base``, with peft's B made random and both A and B copied into
     llmlab's layers, so the two compute the same non-trivial function. Returns ``(ours, theirs)``."""
-    ours = L.apply_lora(copy.deepcopy(base), r, alpha, targets, dropout)
+    ours = L.apply_lora(copy.deepcopy(base), r, alpha, targets, dropout, use_rslora=use_rslora)
     theirs = get_peft_model(copy.deepcopy(base),
-                            LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout))
+                            LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
+                                       use_rslora=use_rslora))
     g = torch.Generator().manual_seed(seed)
     layers = {n: m for n, m in ours.named_modules() if isinstance(m, L.LoRALinear)}
     assert layers
@@ -189,6 +190,52 @@ def test_merge_matches_peft_merge_and_unload(tiny):
     assert not torch.equal(mine["model.layers.0.self_attn.q_proj.weight"],
                            tiny.state_dict()["model.layers.0.self_attn.q_proj.weight"])
     torch.testing.assert_close(_logits(merged, ids), before, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("r, alpha", [(4, 8), (16, 4)])
+def test_rslora_matches_peft(tiny, r, alpha):
+    """rsLoRA (Kalajdzievski 2023): the same adapter scaled by alpha / sqrt(r); peft's use_rslora=True."""
+    ours, theirs = _pair(tiny, r, alpha, ("q_proj", "down_proj"), use_rslora=True)
+    name = "model.layers.1.mlp.down_proj"
+    layer, peft_layer = ours.get_submodule(name), theirs.base_model.model.get_submodule(name)
+    assert layer.scaling == peft_layer.scaling["default"] == alpha / math.sqrt(r) == L.lora_scaling(r, alpha, True)
+    assert "use_rslora=True" in repr(layer)
+    ids = _ids(seed=8)
+    torch.testing.assert_close(_logits(ours, ids), _logits(theirs, ids), rtol=0, atol=1e-6)
+    merged, ref = L.merge_lora(ours), theirs.merge_and_unload()
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[k], v, rtol=0, atol=1e-7)
+
+
+def test_rslora_scaling_by_rank():
+    for r in (1, 4, 64):
+        assert L.lora_scaling(r, 16) == 16 / r and L.lora_scaling(r, 16, use_rslora=True) == 16 / math.sqrt(r)
+    with pytest.raises(TypeError, match="use_rslora must be a bool, got str"):
+        L.lora_scaling(4, 8, "yes")
+    with pytest.raises(ValueError, match="r must be a positive int"):
+        L.lora_scaling(0, 8)
+    with pytest.raises(ValueError, match="alpha must be positive"):
+        L.lora_scaling(4, -1.0)
+
+
+def test_dora_formula_matches_peft():
+    """DoRA (Liu et al. 2024), the paragraph's formula from scratch: W' = m * V / ||V|| row by row, with
+    V = W + (alpha / r) B A and m starting at W's row norms; the same output as peft's use_dora=True."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(24, 16, bias=False))
+    dora = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=["0"], use_dora=True))
+    layer = dora.base_model.model[0]
+    W, A, B = base[0].weight, layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    m = layer.lora_magnitude_vector["default"].weight
+    torch.testing.assert_close(m, W.norm(dim=1))  # starts at the base's row norms: the base model exactly
+    with torch.no_grad():
+        B.normal_(0, 0.3)
+        m.mul_(torch.linspace(0.5, 1.5, 16))
+        x = torch.randn(5, 24)
+        V = W + (8 / 4) * B @ A
+        mine = x @ (m[:, None] * V / V.norm(dim=1, keepdim=True)).T
+        torch.testing.assert_close(mine, dora(x), rtol=0, atol=1e-5)
+        assert (mine - base(x)).abs().max() > 0.1  # not trivially the base layer
 
 
 def test_half_precision_base_keeps_float32_adapters_like_peft(tiny):
@@ -417,6 +464,7 @@ def test_apply_lora_rejects_bad_input(tiny):
         (dict(target_modules=[1]), TypeError, "target_modules must be a str or a list of str"),
         (dict(target_modules=[]), ValueError, "target_modules must be non-empty names"),
         (dict(target_modules=["q_proj", " "]), ValueError, "target_modules must be non-empty names"),
+        (dict(use_rslora="yes"), TypeError, "use_rslora must be a bool, got str"),
     ]
     for kwargs, error, match in cases:
         with pytest.raises(error, match=match):
@@ -442,6 +490,8 @@ def test_lora_linear_rejects_bad_input():
         L.LoRALinear(nn.Linear(4, 4), alpha=-1)
     with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\)"):
         L.LoRALinear(nn.Linear(4, 4), dropout=2)
+    with pytest.raises(TypeError, match="use_rslora must be a bool, got int"):
+        L.LoRALinear(nn.Linear(4, 4), use_rslora=1)
 
 
 def test_merge_and_state_dict_need_lora_layers(tiny):
