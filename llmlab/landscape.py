@@ -90,6 +90,61 @@ def load(path) -> dict:
     return data
 
 
+# DeepSeek's own inference configs (deepseek-ai/DeepSeek-V3, inference/configs/*.json)
+# name the shapes their own way: their key -> transformers' key
+DEEPSEEK_INFERENCE_KEYS = {
+    "vocab_size": "vocab_size",
+    "dim": "hidden_size",
+    "inter_dim": "intermediate_size",
+    "moe_inter_dim": "moe_intermediate_size",
+    "n_layers": "num_hidden_layers",
+    "n_dense_layers": "first_k_dense_replace",
+    "n_heads": "num_attention_heads",
+    "n_routed_experts": "n_routed_experts",
+    "n_shared_experts": "n_shared_experts",
+    "n_activated_experts": "num_experts_per_tok",
+    "n_expert_groups": "n_group",
+    "n_limited_groups": "topk_group",
+    "q_lora_rank": "q_lora_rank",
+    "kv_lora_rank": "kv_lora_rank",
+    "qk_nope_head_dim": "qk_nope_head_dim",
+    "qk_rope_head_dim": "qk_rope_head_dim",
+    "v_head_dim": "v_head_dim",
+}
+# keys of that file that set numerics, not shapes
+DEEPSEEK_INFERENCE_IGNORED = ("route_scale", "score_func", "dtype")
+
+
+def from_deepseek_inference(raw: dict) -> dict:
+    """transformers config values from one of DeepSeek's inference configs
+    (``inference/configs/config_671B.json`` in deepseek-ai/DeepSeek-V3), which name the
+    same shapes differently (``dim``, ``n_layers``, ``n_heads``, ...).
+
+    Multi-head latent attention has as many KV heads as query heads, so
+    ``num_key_value_heads = n_heads``; the result has ``model_type`` ``deepseek_v3`` and
+    untied embeddings, as DeepSeek's ``inference/model.py`` builds them.
+    Chapter: The open-model landscape.
+    """
+    if not isinstance(raw, dict):
+        kind = type(raw).__name__
+        raise TypeError(f"raw must be a dict (a DeepSeek inference config), got {kind}")
+    known = set(DEEPSEEK_INFERENCE_KEYS) | set(DEEPSEEK_INFERENCE_IGNORED)
+    unknown = sorted(set(raw) - known)
+    missing = sorted(set(DEEPSEEK_INFERENCE_KEYS) - set(raw))
+    if unknown or missing:
+        raise ValueError(
+            "not a DeepSeek inference config:"
+            f" unknown keys {unknown}, missing keys {missing}"
+        )
+    values = {"model_type": "deepseek_v3"}
+    for key, value in raw.items():
+        if key in DEEPSEEK_INFERENCE_KEYS:
+            values[DEEPSEEK_INFERENCE_KEYS[key]] = value
+    values["num_key_value_heads"] = values["num_attention_heads"]
+    values["tie_word_embeddings"] = False
+    return values
+
+
 # ------------------------------------------------------------------ counting --
 
 def _config(values):

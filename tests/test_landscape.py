@@ -87,14 +87,79 @@ def test_tied_embeddings_are_counted_once(by_name):
     assert untied.total - tied.total == values["vocab_size"] * values["hidden_size"]
 
 
-def test_every_model_builds_offline_and_lands_near_its_published_size(data):
+@pytest.fixture(scope="module")
+def counts(data):
+    """Every model built once on the meta device (about 0.2 s each), shared below."""
+    return {
+        m["name"]: L.parameter_counts(m["config"]["values"]) for m in data["models"]
+    }
+
+
+def test_every_model_builds_offline_and_lands_near_its_published_size(data, counts):
     """Each architecture builds on the meta device from the stored values alone (no Hub: HF_HUB_OFFLINE=1).
     The counts land within 10 % of the published size; the chapter explains each gap."""
     for m in data["models"]:
-        counts = L.parameter_counts(m["config"]["values"])
+        c = counts[m["name"]]
         published = m["published_total"]["value"]
-        assert abs(counts.total - published) / published < 0.10, (m["name"], counts.total, published)
-        assert 0 < counts.active <= counts.total
+        assert abs(c.total - published) / published < 0.10, (m["name"], c.total)
+        assert 0 < c.active <= c.total
+
+
+NEW_2025 = (
+    "Llama 4 Scout",
+    "Llama 4 Maverick",
+    "DeepSeek-R1",
+    "Kimi K2",
+    "GLM-4.5-Air",
+    "Qwen3-235B-A22B",
+)
+
+
+def test_2025_models_match_published_total_and_active(by_name, counts):
+    """Published sizes are rounded ("109B", "17B", "1T"): at two significant figures
+    the rounding alone is up to 0.5/12 = 4.2 % (GLM-4.5-Air's "12B" active), at one
+    ("1T") up to 5 %; uncounted parts (Llama 4's vision encoder, MTP layers) are ~1 %.
+    So: totals within 3 %, and the active count within 4.5 % under the closest of the
+    three conventions vendors use (with the embedding, without it, without embedding
+    and output head)."""
+    for name in NEW_2025:
+        m, c = by_name[name], counts[name]
+        assert abs(c.total / m["published_total"]["value"] - 1) < 0.03, (name, c.total)
+        active = m["published_active"]["value"]
+        no_emb = c.active - c.embedding
+        conventions = (c.active, no_emb, no_emb - c.lm_head)
+        assert min(abs(a / active - 1) for a in conventions) < 0.045, name
+        assert c.n_experts and c.top_k, name  # all six are mixtures of experts
+    # Maverick's config: MoE every 2nd layer; MoE in every layer would count ~2x 400B
+    maverick = by_name["Llama 4 Maverick"]["config"]["values"]
+    every = L.parameter_counts({**maverick, "interleave_moe_layer_step": 1})
+    assert every.total > 1.5 * 400e9
+    # transformers' Glm4MoeConfig defaults count to GLM-4.5-Air (106B), not GLM-4.5
+    glm = counts["GLM-4.5-Air"].total
+    assert abs(glm - 106e9) < abs(glm - 355e9) / 100
+
+
+def test_deepseek_configs_are_deepseeks_own_file(by_name):
+    """DeepSeek-V3 and R1 use deepseek-ai/DeepSeek-V3's config_671B.json, renamed to
+    transformers' keys; Kimi K2 differs from it only where Moonshot's README model
+    summary says so."""
+    raw = by_name["DeepSeek-V3"]["config"]["raw"]
+    mapped = L.from_deepseek_inference(raw)
+    for name in ("DeepSeek-V3", "DeepSeek-R1"):
+        values = by_name[name]["config"]["values"]
+        assert {k: values[k] for k in mapped} == mapped, name
+    assert mapped["hidden_size"] == raw["dim"] == 7168
+    assert mapped["first_k_dense_replace"] == raw["n_dense_layers"] == 3
+    kimi = by_name["Kimi K2"]["config"]["values"]
+    changed = {k for k in mapped if kimi[k] != mapped[k]}
+    assert changed == {"num_attention_heads", "num_key_value_heads", "n_routed_experts",
+                       "first_k_dense_replace", "n_group", "topk_group", "vocab_size"}
+    with pytest.raises(TypeError):
+        L.from_deepseek_inference([raw])
+    with pytest.raises(ValueError, match="unknown keys"):
+        L.from_deepseek_inference({**raw, "hidden_size": 1})
+    with pytest.raises(ValueError, match="missing keys"):
+        L.from_deepseek_inference({k: v for k, v in raw.items() if k != "dim"})
 
 
 def test_kv_cache_matches_the_memory_module_and_the_architecture(by_name):
