@@ -1,8 +1,11 @@
-"""Quantization from scratch: absmax and zero-point integers, NF4, fake quantization, and how much is lost.
+"""Quantization from scratch: absmax and zero-point integers, NF4, FP4 (MXFP4, NVFP4), SmoothQuant, GPTQ,
+fake quantization, and how much is lost.
 
 Chapter: Quantization. Each function is small enough to read top to bottom and is checked in the tests against
 the library it explains: ``torch.quantize_per_tensor`` / ``torch.quantize_per_channel`` for int8 and uint8,
-bitsandbytes' ``quantize_4bit(quant_type="nf4")`` for NF4.
+bitsandbytes' ``quantize_4bit(quant_type="nf4")`` for NF4, torchao's ``mx_formats`` for MXFP4 and NVFP4 and its
+SmoothQuant observer for the smoothing factors. GPTQ is checked against the optimal-brain-quantization update it
+reorganizes (tests/test_quant.py), since torchao's GPTQ runs on CUDA only.
 
 Conventions. Quantizers compute in float32 whatever the input dtype and return float32 scales; ``dequantize``
 returns float32. Integers are rounded with ``torch.round`` (round half to even, as PyTorch does). A group
@@ -202,6 +205,166 @@ def nf4_dequantize(codes: torch.Tensor, absmax: torch.Tensor, blocksize: int = 6
         raise ValueError(f"shape {tuple(shape)} does not hold {codes.numel()} codes")
     values = torch.tensor(NF4_LEVELS)[codes.long()].reshape(n_blocks, blocksize)
     return (values * absmax.float().reshape(-1, 1)).reshape(shape).to(dtype)
+
+
+# -------------------------------------------------------------------- FP4 --
+# E2M1, the 4-bit float of MXFP4 and NVFP4: 1 sign bit, 2 exponent bits (bias 1), 1 mantissa bit. Exponent 0
+# is subnormal (0 and 0.5); there is no inf or NaN. These are its 8 magnitudes (15 values with the sign).
+FP4_E2M1_LEVELS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+FP8_E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max: the largest NVFP4 block scale
+
+
+def _finite(x, name="x"):
+    _tensor(x, name)
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} must be finite")
+    return x
+
+
+def e2m1_round(x: torch.Tensor) -> torch.Tensor:
+    """Round each value to the nearest FP4 (E2M1) value, ties to the even mantissa as IEEE rounding does,
+    saturating at +-6 (float32 out). The element rounding of MXFP4 and NVFP4."""
+    _finite(x)
+    levels = torch.tensor(FP4_E2M1_LEVELS)
+    midpoints = (levels[:-1] + levels[1:]) / 2
+    a = x.float().abs().clamp(max=levels[-1].item())
+    i = torch.bucketize(a, midpoints)  # the level below or at a tie, the one above past it
+    tie = a == midpoints[i.clamp(max=len(midpoints) - 1)]
+    i = torch.where(tie & (i % 2 == 1), i + 1, i)  # odd indices (0.5, 1.5, 3, 6) have mantissa 1
+    return torch.sign(x.float()) * levels[i]
+
+
+def mxfp4_quantize(x: torch.Tensor, blocksize: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 (OCP Microscaling spec v1.0): per block of 32 one shared power-of-two scale (an E8M0 exponent),
+    ``scale = 2^(floor(log2 max|x|) - 2)`` (2 is E2M1's largest exponent), elements ``e2m1_round(x / scale)``.
+
+    The block's largest value lands in [4, 8) and saturates at 6 above it, as the spec's conversion does.
+    Returns ``(elements, scale)``: float32 values on the E2M1 grid with ``x``'s shape, and the float32 scales
+    (exact powers of two) of shape ``(n_blocks, 1)``; ``fp4_dequantize`` multiplies them back."""
+    _finite(x)
+    blocks = x.float().reshape(-1, _blocksize(blocksize, x.numel()))
+    _, e = torch.frexp(blocks.abs().amax(dim=1, keepdim=True))  # amax = m 2^e with m in [0.5, 1)
+    scale = torch.exp2((e - 1 - 2).clamp(-127, 127).float())  # E8M0 holds 2^-127 .. 2^127
+    return e2m1_round(blocks / scale).reshape(x.shape), scale
+
+
+def nvfp4_quantize(x: torch.Tensor, blocksize: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NVFP4 (NVIDIA Blackwell): E2M1 elements, one FP8 E4M3 scale per block of 16 and one float32 scale per
+    tensor. The tensor scale ``max|x| / (448 * 6)`` puts the block scales ``max|block| / 6`` (divided by it)
+    into E4M3's range; each block scale is rounded to E4M3, so unlike MXFP4 it need not be a power of two.
+
+    Returns ``(elements, block_scale, tensor_scale)``: float32 E2M1 values with ``x``'s shape, the
+    ``torch.float8_e4m3fn`` block scales of shape ``(n_blocks, 1)`` and the 0-D float32 tensor scale. Dequantize
+    with ``fp4_dequantize(elements, tensor_scale * block_scale.float(), blocksize)``."""
+    _finite(x)
+    blocks = x.float().reshape(-1, _blocksize(blocksize, x.numel()))
+    tensor_scale = blocks.abs().amax() / (FP8_E4M3_MAX * FP4_E2M1_LEVELS[-1])
+    block_amax = blocks.abs().amax(dim=1, keepdim=True)
+    block_scale = (block_amax / FP4_E2M1_LEVELS[-1] / _safe(tensor_scale)).clamp(
+        torch.finfo(torch.float8_e4m3fn).tiny, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    # multiply by the reciprocal of the two scales, as NVIDIA's kernels (and torchao) do
+    elements = e2m1_round(blocks * ((1 / _safe(tensor_scale)) / block_scale.float()))
+    return elements.reshape(x.shape), block_scale, tensor_scale
+
+
+def fp4_dequantize(elements: torch.Tensor, scale: torch.Tensor, blocksize: int,
+                   shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Multiply FP4 elements by their block's float scale (MXFP4: ``scale``; NVFP4: ``tensor_scale *
+    block_scale.float()``); float32, reshaped to ``shape`` (default ``elements.shape``)."""
+    _finite(elements, "elements")
+    _finite(scale, "scale")
+    on_grid = torch.isin(elements.abs().float(), torch.tensor(FP4_E2M1_LEVELS))
+    if not on_grid.all():
+        raise ValueError("elements must be FP4 (E2M1) values: 0, +-0.5, +-1, +-1.5, +-2, +-3, +-4, +-6")
+    n_blocks = elements.numel() // _blocksize(blocksize, elements.numel())
+    if scale.numel() != n_blocks:
+        raise ValueError(f"{n_blocks} blocks of {blocksize} need {n_blocks} scales, got {scale.numel()}")
+    shape = elements.shape if shape is None else torch.Size(shape)
+    if shape.numel() != elements.numel():
+        raise ValueError(f"shape {tuple(shape)} does not hold {elements.numel()} elements")
+    return (elements.float().reshape(n_blocks, blocksize) * scale.float().reshape(-1, 1)).reshape(shape)
+
+
+# ------------------------------------------------- activations: SmoothQuant --
+
+def _matrix(w, name="w"):
+    _finite(w, name)
+    if w.dim() != 2:
+        raise ValueError(f"{name} must be 2-D (out_features, in_features), got shape {tuple(w.shape)}")
+    return w
+
+
+def _inputs(x, in_features, name="x"):
+    _finite(x, name)
+    if x.dim() < 2 or x.shape[-1] != in_features:
+        raise ValueError(f"{name} must have shape (..., {in_features}) to feed the layer, got {tuple(x.shape)}")
+    return x.reshape(-1, in_features)
+
+
+def smoothquant_scales(x: torch.Tensor, w: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+    """SmoothQuant's per-input-channel smoothing factors ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)``.
+
+    ``x``: calibration inputs of the linear layer, shape ``(..., in_features)``; ``w``: its weight, shape
+    ``(out_features, in_features)``. Dividing the inputs by ``s`` and multiplying the weight's columns by it
+    leaves ``x @ w.T`` unchanged and moves the activations' outlier channels into the weight (``alpha``, the
+    migration strength: 0 changes nothing, 1 moves all of it). Returns float32 of shape ``(in_features,)``."""
+    _matrix(w)
+    x = _inputs(x, w.shape[1])
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise TypeError(f"alpha must be a number, got {type(alpha).__name__}")
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    x_max, w_max = x.float().abs().amax(dim=0), w.float().abs().amax(dim=0)
+    s = x_max.pow(alpha) / w_max.pow(1 - alpha)
+    return torch.where((x_max > 0) & (w_max > 0), s, torch.ones_like(s))  # a dead channel keeps scale 1
+
+
+# ---------------------------------------------------------------------- GPTQ --
+
+def gptq_quantize(w: torch.Tensor, x: torch.Tensor, bits: int = 4, blocksize: int | None = None,
+                  damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ: quantize a linear layer's weight column by column, pushing each column's rounding error onto the
+    columns not yet quantized so that the layer's output on the calibration inputs moves least.
+
+    ``w``: weight ``(out_features, in_features)``; ``x``: calibration inputs ``(..., in_features)``. The
+    Hessian of ``||x w^T - x q^T||^2`` is ``H = x^T x / n`` (damped by ``damp`` times its mean diagonal);
+    column ``i``'s error, divided by ``U[i, i]`` (``U``: the upper Cholesky factor of ``H^-1``), is subtracted
+    from the later columns times ``U[i, i+1:]``. Scales are symmetric absmax, per output row (``blocksize``
+    None, fixed from ``w`` before the loop) or per group of ``blocksize`` columns (set from the error-updated
+    weights when the loop reaches the group, as GPTQ does). Returns ``(q, scale)`` in ``absmax_quantize``'s
+    format (``axis=0``, or ``blocksize`` blocks along rows), so ``dequantize`` reads it; computed in float64.
+    With ``H`` the identity nothing is pushed and this is round-to-nearest."""
+    _matrix(w)
+    x = _inputs(x, w.shape[1])
+    qmax = 2 ** (_bits(bits) - 1) - 1
+    out_f, in_f = w.shape
+    if blocksize is not None and (_int(blocksize, "blocksize") <= 0 or in_f % blocksize):
+        raise ValueError(f"blocksize must divide in_features ({in_f}), got {blocksize}")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < 1:
+        raise ValueError(f"damp must be a number in (0, 1), got {damp!r}")
+    W = w.double().clone()
+    H = x.double().T @ x.double() / len(x)
+    dead = H.diagonal() == 0  # an input that is always 0: its column never matters
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * H.diagonal().mean() * torch.eye(in_f, dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    q = torch.zeros(out_f, in_f, dtype=torch.int8)
+    scales = []
+    if blocksize is None:
+        scale = (W.abs().amax(dim=1) / qmax).float()
+        scales.append(scale[:, None])
+    for i in range(in_f):
+        if blocksize is not None and i % blocksize == 0:
+            scale = (W[:, i : i + blocksize].abs().amax(dim=1) / qmax).float()
+            scales.append(scale[:, None])
+        s = _safe(scale).double()
+        q[:, i] = torch.round(W[:, i] / s).clamp(-qmax, qmax).to(torch.int8)
+        err = (W[:, i] - q[:, i].double() * scale.double()) / U[i, i]
+        W[:, i + 1 :] -= err[:, None] * U[i, i + 1 :][None, :]
+    if blocksize is None:
+        return q, scales[0]
+    return q, torch.cat(scales, dim=1).reshape(-1, 1)  # block order: row by row, as absmax_quantize's
 
 
 # ------------------------------------------------- training and measurement --

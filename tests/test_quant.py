@@ -363,3 +363,234 @@ X = torch.ones(4, 8)
 def test_bad_input(call, err):
     with pytest.raises(err):
         call()
+
+
+# ----------------------------------------------------------------------- FP4 --
+
+def _e2m1_by_hand():
+    """The 8 E2M1 magnitudes from the bit layout: exponent e (2 bits, bias 1), mantissa m (1 bit);
+    e = 0 is subnormal, m/2 * 2^(1-1); otherwise (1 + m/2) * 2^(e-1)."""
+    return [(m / 2) if e == 0 else (1 + m / 2) * 2 ** (e - 1) for e in range(4) for m in range(2)]
+
+
+def test_e2m1_levels_from_the_bits():
+    assert list(Q.FP4_E2M1_LEVELS) == _e2m1_by_hand() == [0, 0.5, 1, 1.5, 2, 3, 4, 6]
+
+
+def test_e2m1_round_nearest_ties_to_even_and_saturates():
+    levels = torch.tensor(_e2m1_by_hand())
+    mid = (levels[:-1] + levels[1:]) / 2  # 0.25 0.75 1.25 1.75 2.5 3.5 5
+    assert Q.e2m1_round(mid).tolist() == [0, 1, 1, 2, 2, 4, 4]  # the neighbour with mantissa bit 0
+    assert Q.e2m1_round(-mid).tolist() == [-0.0, -1, -1, -2, -2, -4, -4]
+    assert Q.e2m1_round(torch.tensor([7.0, -100.0, 6.0, 5.01])).tolist() == [6, -6, 6, 6]
+    x = torch.linspace(-7, 7, 2801)  # off the ties: the nearest level, by brute force
+    x = x[((x.abs()[:, None] - mid).abs() > 1e-6).all(dim=1)]
+    signed = torch.cat([-levels.flip(0), levels])
+    nearest = signed[(x[:, None].clamp(-6, 6) - signed).abs().argmin(dim=1)]
+    assert torch.equal(Q.e2m1_round(x), nearest)
+
+
+ao_kernels = pytest.importorskip("torchao.prototype.mx_formats.kernels")
+
+
+def _unpack_fp4(packed, shape):
+    return ao_kernels.f4_unpacked_to_f32(ao_kernels.unpack_uint4(packed)).reshape(shape)
+
+
+def test_e2m1_round_matches_torchao():
+    levels = torch.tensor(Q.FP4_E2M1_LEVELS)
+    mid = (levels[:-1] + levels[1:]) / 2
+    x = torch.cat([torch.linspace(-8, 8, 4001), mid, -mid, levels, -levels])
+    theirs = ao_kernels.f4_unpacked_to_f32(ao_kernels.f32_to_f4_unpacked(x))
+    assert torch.equal(Q.e2m1_round(x).abs(), theirs.abs()) and torch.equal(Q.e2m1_round(x), theirs + 0.0)
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (96, 128)])
+def test_mxfp4_matches_torchao(shape):
+    from torchao.prototype.mx_formats.mx_tensor import get_fp_scale, to_mx
+
+    x = _randn(*shape, seed=20) * 0.02 * torch.logspace(-1, 1, shape[1])  # blocks of many magnitudes
+    elements, scale = Q.mxfp4_quantize(x, 32)
+    scale_e8m0, packed = to_mx(x, torch.float4_e2m1fn_x2, 32)  # FLOOR: the spec's scale
+    assert torch.equal(scale.reshape(-1), get_fp_scale(scale_e8m0).reshape(-1))
+    assert torch.equal(elements, _unpack_fp4(packed, shape))
+    exponent = torch.log2(scale)
+    assert torch.equal(exponent, exponent.round())  # powers of two: an E8M0 byte holds them
+    amax = x.reshape(-1, 32).abs().amax(dim=1, keepdim=True)
+    assert ((amax / scale >= 4) & (amax / scale < 8)).all()  # the block max lands in [4, 8)
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (32, 512)])
+def test_nvfp4_matches_torchao(shape):
+    from torchao.prototype.mx_formats.nvfp4_tensor import (
+        nvfp4_quantize,
+        per_tensor_amax_to_scale,
+    )
+
+    x = _randn(*shape, seed=21) * 0.02 * torch.logspace(-1, 1, shape[1])
+    elements, block_scale, tensor_scale = Q.nvfp4_quantize(x, 16)
+    ref_tensor_scale = per_tensor_amax_to_scale(x.abs().amax())
+    ref_block, packed = nvfp4_quantize(x, 16, per_tensor_scale=ref_tensor_scale)
+    assert tensor_scale.item() == ref_tensor_scale.item()
+    assert block_scale.dtype == torch.float8_e4m3fn and torch.equal(
+        block_scale.float().reshape(-1), ref_block.float().reshape(-1))
+    assert torch.equal(elements, _unpack_fp4(packed, shape))
+    # the block scale is the E4M3 cast of max|block| / 6 / tensor scale (not a power of two)
+    amax = x.reshape(-1, 16).abs().amax(dim=1, keepdim=True)
+    cast = (amax / 6 / tensor_scale).to(torch.float8_e4m3fn).float()
+    assert torch.equal(block_scale.float(), cast)
+    assert not torch.equal(torch.log2(cast), torch.log2(cast).round())
+
+
+def test_fp4_dequantize_round_trip_and_error():
+    x = _randn(32, 128, seed=22)
+    e, s = Q.mxfp4_quantize(x)
+    x_mx = Q.fp4_dequantize(e, s, 32)
+    e, b, t = Q.nvfp4_quantize(x)
+    x_nv = Q.fp4_dequantize(e, t * b.float(), 16)
+    assert x_mx.shape == x_nv.shape == x.shape
+    # every dequantized value is an E2M1 value times its block's scale
+    assert torch.equal(Q.fp4_dequantize(*Q.mxfp4_quantize(x_mx), 32), x_mx)
+    snr = {k: Q.quantization_error(x, v)["snr_db"] for k, v in (("mx", x_mx), ("nv", x_nv))}
+    assert 15 < snr["mx"] < snr["nv"] < 25  # finer, non-power-of-two scales: NVFP4 closer
+    z = torch.zeros(2, 32)
+    assert not Q.fp4_dequantize(*Q.mxfp4_quantize(z), 32).any()
+    e, b, t = Q.nvfp4_quantize(z)
+    assert not Q.fp4_dequantize(e, t * b.float(), 16).any()
+
+
+# ---------------------------------------------------------------- SmoothQuant --
+
+def test_smoothquant_scales_formula_and_equivalence():
+    x = _randn(512, 64, seed=23)
+    x[:, 5] *= 40  # an outlier channel
+    w = _randn(32, 64, seed=24) * 0.05
+    for alpha in (0.0, 0.5, 0.8, 1.0):
+        s = Q.smoothquant_scales(x, w, alpha)
+        expected = x.abs().amax(0) ** alpha / w.abs().amax(0) ** (1 - alpha)
+        torch.testing.assert_close(s, expected)
+        torch.testing.assert_close((x / s) @ (w * s).T, x @ w.T, rtol=1e-4, atol=1e-5)
+    s = Q.smoothquant_scales(x, w, 0.5)  # alpha 0.5: inputs and weights share each channel's max equally
+    torch.testing.assert_close((x / s).abs().amax(0), (w * s).abs().amax(0))
+    assert torch.equal(Q.smoothquant_scales(x, w, 0.0), 1 / w.abs().amax(0))
+    # smoothing makes per-tensor int8 activations more accurate on the layer's output
+    def w8a8(a):
+        s = Q.smoothquant_scales(x, w, a)
+        xq = Q.dequantize(*Q.absmax_quantize(x / s))
+        wq = Q.dequantize(*Q.absmax_quantize(w * s, axis=0))
+        return Q.quantization_error(x @ w.T, xq @ wq.T)["snr_db"]
+    assert w8a8(0.5) > w8a8(0.0) + 6
+
+
+def test_smoothquant_scales_match_torchao():
+    core = pytest.importorskip("torchao.prototype.smoothquant.core")
+    x = _randn(4, 128, 64, seed=25) * torch.logspace(-1, 1.5, 64)
+    w = _randn(48, 64, seed=26) * 0.05
+    for alpha in (0.25, 0.5, 0.75):
+        observer = core.SmoothQuantObserver(w, alpha)
+        observer(x)
+        theirs, _, _ = observer.calculate_qparams()
+        torch.testing.assert_close(Q.smoothquant_scales(x, w, alpha), theirs, rtol=1e-5, atol=0)
+
+
+# ----------------------------------------------------------------------- GPTQ --
+
+def _correlated_inputs(n, d, seed, rank=16):
+    """Calibration inputs whose channels are correlated (a few directions plus noise), as a layer's are."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, rank, generator=g) @ torch.randn(rank, d, generator=g)
+    return x + 0.3 * torch.randn(n, d, generator=g)
+
+
+def _obq_reference(w, x, bits, damp=0.01):
+    """GPTQ's result the slow way, from the optimal-brain-quantization update: quantize column i, then move
+    the not-yet-quantized columns F by -err * [H_F^-1]_{:,i} / [H_F^-1]_{ii}, with H_F^-1 the inverse of the
+    (damped) Hessian restricted to F, recomputed from scratch each step. No Cholesky factor."""
+    W, X = w.double().clone(), x.double()
+    H = X.T @ X / len(X)
+    H += damp * H.diagonal().mean() * torch.eye(len(H), dtype=torch.float64)
+    qmax = 2 ** (bits - 1) - 1
+    scale = (W.abs().amax(dim=1) / qmax).float().double()
+    Q_ = torch.zeros_like(W)
+    for i in range(W.shape[1]):
+        F = torch.arange(i, W.shape[1])
+        Hinv = torch.linalg.inv(H[F][:, F])
+        q = torch.round(W[:, i] / scale).clamp(-qmax, qmax)
+        Q_[:, i] = q
+        err = W[:, i] - q * scale
+        W[:, F] -= err[:, None] * Hinv[0][None, :] / Hinv[0, 0]
+    return Q_, scale
+
+
+def test_gptq_equals_the_obq_update():
+    w, x = _randn(24, 32, seed=27), _correlated_inputs(256, 32, seed=28)
+    q, scale = Q.gptq_quantize(w, x, bits=3)
+    ref_q, ref_scale = _obq_reference(w, x, bits=3)
+    torch.testing.assert_close(scale.double().reshape(-1), ref_scale)
+    assert (q.double() != ref_q).float().mean() < 0.01  # the same codes, up to float near-ties
+    assert q.dtype == torch.int8 and scale.shape == (24, 1)
+
+
+def test_gptq_with_identity_hessian_is_round_to_nearest():
+    w = _randn(40, 64, seed=29)
+    x = torch.eye(64) * 8.0  # x^T x / n = I: no column says anything about another
+    for blocksize in (None, 16):
+        q, scale = Q.gptq_quantize(w, x, bits=4, blocksize=blocksize)
+        ref_q, ref_scale = Q.absmax_quantize(w, 4, axis=None if blocksize else 0, blocksize=blocksize)
+        assert torch.equal(scale, ref_scale)
+        _assert_matches_torch(q, ref_q, w.reshape(q.shape), scale if blocksize is None else scale.reshape(
+            40, -1).repeat_interleave(blocksize, dim=1))
+
+
+@pytest.mark.parametrize("blocksize", [None, 16])
+def test_gptq_beats_round_to_nearest_on_held_out_inputs(blocksize):
+    w = _randn(48, 64, seed=30) * 0.05
+    x = _correlated_inputs(1024, 64, seed=31)
+    calib, held_out = x[:512], x[512:]
+    q, scale = Q.gptq_quantize(w, calib, bits=3, blocksize=blocksize)
+    w_gptq = Q.dequantize(q, scale, blocksize=blocksize, shape=w.shape)
+    rtn = Q.absmax_quantize(w, 3, axis=None if blocksize else 0, blocksize=blocksize)
+    w_rtn = Q.dequantize(*rtn, blocksize=blocksize, shape=w.shape)
+
+    def out_err(v, xs):
+        return (xs.double() @ (w - v).double().T).pow(2).sum().item()
+
+    assert out_err(w_gptq, held_out) < 0.5 * out_err(w_rtn, held_out)  # measured: about 0.17
+    assert out_err(w_gptq, calib) < 0.5 * out_err(w_rtn, calib)
+    # it trades weight error for output error: the weights themselves move further
+    assert (w - w_gptq).pow(2).sum() > (w - w_rtn).pow(2).sum()
+
+
+def test_gptq_dead_inputs():
+    w, x = _randn(8, 16, seed=32), _correlated_inputs(64, 16, seed=33)
+    x[:, 3] = 0
+    q, scale = Q.gptq_quantize(w, x, bits=4)
+    assert (q[:, 3] == 0).all() and torch.isfinite(scale).all()
+
+
+# ------------------------------------------------------------ bad new input --
+
+@pytest.mark.parametrize("call, err", [
+    (lambda: Q.e2m1_round([1.0]), TypeError),
+    (lambda: Q.e2m1_round(torch.tensor([float("nan")])), ValueError),
+    (lambda: Q.mxfp4_quantize(torch.ones(48)), ValueError),
+    (lambda: Q.mxfp4_quantize(torch.ones(32, dtype=torch.int32)), ValueError),
+    (lambda: Q.nvfp4_quantize(torch.ones(24)), ValueError),
+    (lambda: Q.nvfp4_quantize(torch.tensor([float("inf")] * 16)), ValueError),
+    (lambda: Q.fp4_dequantize(torch.full((32,), 0.7), torch.ones(1), 32), ValueError),
+    (lambda: Q.fp4_dequantize(torch.ones(32), torch.ones(2), 32), ValueError),
+    (lambda: Q.fp4_dequantize(torch.ones(32), [1.0], 32), TypeError),
+    (lambda: Q.fp4_dequantize(torch.ones(32), torch.ones(1), 32, shape=(3, 3)), ValueError),
+    (lambda: Q.smoothquant_scales(torch.ones(4, 8), torch.ones(3, 7)), ValueError),
+    (lambda: Q.smoothquant_scales(torch.ones(4, 8), torch.ones(8)), ValueError),
+    (lambda: Q.smoothquant_scales(torch.ones(4, 8), torch.ones(3, 8), alpha=1.5), ValueError),
+    (lambda: Q.smoothquant_scales(torch.ones(4, 8), torch.ones(3, 8), alpha="0.5"), TypeError),
+    (lambda: Q.gptq_quantize(torch.ones(3, 8), torch.ones(4, 7)), ValueError),
+    (lambda: Q.gptq_quantize(torch.ones(3, 8), torch.ones(4, 8), bits=1), ValueError),
+    (lambda: Q.gptq_quantize(torch.ones(3, 8), torch.ones(4, 8), blocksize=3), ValueError),
+    (lambda: Q.gptq_quantize(torch.ones(3, 8), torch.ones(4, 8), damp=0), ValueError),
+    (lambda: Q.gptq_quantize(torch.ones(3, 8), "x"), TypeError),
+])
+def test_bad_input_new(call, err):
+    with pytest.raises(err):
+        call()
