@@ -44,6 +44,8 @@ def _k(k, n_experts):
 
 # ------------------------------------------------------------------ router --
 
+SCORINGS = ("softmax", "sigmoid")
+
 class TopKRouter(nn.Module):
     """Mixtral's router: a linear gate scores every expert, softmax turns the scores into probabilities, each
     token keeps its ``k`` most probable experts, and (``normalize=True``) their probabilities are rescaled to sum
@@ -52,30 +54,50 @@ class TopKRouter(nn.Module):
     ``forward(x)`` takes ``(..., hidden)`` and returns ``(logits, weights, indices)``: the gate's logits
     ``(tokens, n_experts)``, the float32 weights ``(tokens, k)`` and the chosen experts ``(tokens, k)``, most
     probable first.
+
+    ``scoring="sigmoid"`` scores each expert with its own sigmoid instead of a softmax (DeepSeek-V3's
+    affinities). When ``expert_bias`` (a ``(n_experts,)`` tensor, set by ``update_expert_bias``) is not
+    None, the top ``k`` are chosen by score + bias, while the weights stay the unbiased scores of the chosen
+    experts: auxiliary-loss-free load balancing (DeepSeek-V3; Wang et al. 2024). The tests check that
+    against transformers' ``DeepseekV3TopkRouter`` with one expert group.
     """
 
-    def __init__(self, hidden: int, n_experts: int, k: int, normalize: bool = True):
+    def __init__(self, hidden: int, n_experts: int, k: int, normalize: bool = True,
+                 scoring: str = "softmax"):
         super().__init__()
         _int(hidden, "hidden")
         self.n_experts, self.k = _int(n_experts, "n_experts"), _k(k, n_experts)
         if not isinstance(normalize, bool):
             raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
-        self.normalize = normalize
+        if scoring not in SCORINGS:
+            raise ValueError(f"scoring must be one of {SCORINGS}, got {scoring!r}")
+        self.normalize, self.scoring = normalize, scoring
         self.weight = nn.Parameter(torch.empty(n_experts, hidden))  # transformers' name and shape
         nn.init.normal_(self.weight, std=0.02)
+        # auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias added to the scores for the
+        # top-k choice only; None = plain top-k. Not saved with the weights (persistent=False).
+        self.register_buffer("expert_bias", None, persistent=False)
 
     def forward(self, x: torch.Tensor):
         if _tensor(x).shape[-1] != self.weight.shape[1]:
             raise ValueError(f"x's last dimension must be {self.weight.shape[1]}, got shape {tuple(x.shape)}")
         logits = F.linear(x.reshape(-1, x.shape[-1]), self.weight)  # (tokens, n_experts)
-        probs = logits.float().softmax(dim=-1)
-        weights, indices = probs.topk(self.k, dim=-1)  # (tokens, k), largest first
+        if self.scoring == "softmax":
+            probs = logits.float().softmax(dim=-1)
+        else:  # DeepSeek-V3's affinities: one sigmoid per expert
+            probs = logits.float().sigmoid()
+        if self.expert_bias is None:
+            weights, indices = probs.topk(self.k, dim=-1)  # (tokens, k), largest first
+        else:  # the bias decides which experts; the unbiased scores weight them
+            indices = (probs + self.expert_bias.float()).topk(self.k, dim=-1).indices
+            weights = probs.gather(1, indices)
         if self.normalize:  # = softmax over the k chosen logits only (Mixtral's paper writes it that way)
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, weights, indices
 
     def extra_repr(self):
-        return f"hidden={self.weight.shape[1]}, n_experts={self.n_experts}, k={self.k}, normalize={self.normalize}"
+        return (f"hidden={self.weight.shape[1]}, n_experts={self.n_experts}, k={self.k}, "
+                f"normalize={self.normalize}, scoring={self.scoring!r}")
 
 
 Router = TopKRouter
@@ -207,3 +229,93 @@ def moe_parameter_count(config) -> tuple[int, int]:
     total = one_mlp + layers * ((n_experts - 1) * expert + router)  # ... plus the other experts and the routers
     active = one_mlp + layers * ((k - 1) * expert + router)
     return total, active
+
+
+
+# ------------------------------------------- balancing without a loss, dropless routing --
+
+def update_expert_bias(router: TopKRouter, tokens_per_expert, gamma: float) -> torch.Tensor:
+    """Auxiliary-loss-free load balancing, one update (DeepSeek-V3, section 2.1.2; Wang et al. 2024).
+
+    After a training step, each expert's bias moves by ``gamma`` against its load error:
+    ``bias_e += gamma * sign(mean load - load_e)``, down for an overloaded expert and up for an underloaded
+    one. The bias changes only which experts a token picks (``TopKRouter.expert_bias``), never the weights
+    of their outputs, and it has no gradient: the language-modeling loss is left alone. Sets the router's
+    ``expert_bias`` (zeros at the first call) and returns it. Chapter: Mixture of experts.
+    """
+    if not isinstance(router, TopKRouter):
+        raise TypeError(f"router must be a TopKRouter, got {type(router).__name__}")
+    if not isinstance(tokens_per_expert, torch.Tensor) or tokens_per_expert.shape != (router.n_experts,):
+        raise ValueError(f"tokens_per_expert must be a tensor of shape ({router.n_experts},)")
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)):
+        raise TypeError(f"gamma must be a number, got {type(gamma).__name__}")
+    if not (gamma > 0 and math.isfinite(gamma)):
+        raise ValueError(f"gamma must be positive and finite, got {gamma}")
+    load = tokens_per_expert.detach().float().cpu()
+    if router.expert_bias is None:
+        router.expert_bias = torch.zeros(router.n_experts, device=router.weight.device)
+    step = gamma * torch.sign(load.mean() - load)
+    router.expert_bias = router.expert_bias + step.to(router.expert_bias.device)
+    return router.expert_bias
+
+
+def capacity_accounting(tokens_per_expert, capacity: int | None) -> dict:
+    """What a capacity buffer does with a given load: ``routed`` assignments, ``dropped`` (over the
+    buffer), ``computed`` rows (``n_experts * capacity`` with fixed buffers: padding included) and
+    ``padding`` rows (empty slots computed anyway). ``capacity=None`` is dropless routing (MegaBlocks,
+    Gale et al. 2023): every assignment is computed once, nothing is dropped or padded, at the price of
+    groups of varying size. Chapter: Mixture of experts."""
+    if not isinstance(tokens_per_expert, torch.Tensor) or tokens_per_expert.dim() != 1:
+        raise ValueError("tokens_per_expert must be a 1-D tensor of counts")
+    if tokens_per_expert.is_floating_point() or (tokens_per_expert < 0).any():
+        raise ValueError("tokens_per_expert must hold non-negative integer counts")
+    load = tokens_per_expert.long()
+    routed = int(load.sum())
+    if capacity is None:
+        return {"routed": routed, "dropped": 0, "computed": routed, "padding": 0}
+    _int(capacity, "capacity")
+    kept = int(load.clamp(max=capacity).sum())
+    computed = capacity * len(load)
+    return {"routed": routed, "dropped": routed - kept, "computed": computed, "padding": computed - kept}
+
+
+def sort_by_expert(indices: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The permutation a dropless (or expert-parallel) MoE starts with: the ``(tokens, k)`` assignments
+    flattened slot-major (first choices first, as ``MoELayer``) and stably sorted by expert. Returns
+    ``(order, counts)``: ``order`` indexes the flattened ``(k * tokens)`` assignments, expert 0's first;
+    ``counts[e]`` is expert ``e``'s group size. Chapters: Mixture of experts, Scaling out."""
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 2 or indices.is_floating_point():
+        raise ValueError("indices must be an integer tensor of shape (tokens, k)")
+    _int(n_experts, "n_experts")
+    if indices.numel() and (indices.min() < 0 or indices.max() >= n_experts):
+        raise ValueError(f"indices must lie in [0, {n_experts})")
+    flat = indices.T.reshape(-1)  # slot-major
+    order = torch.sort(flat, stable=True).indices
+    return order, torch.bincount(flat, minlength=n_experts)
+
+
+def dropless_forward(layer: MoELayer, x: torch.Tensor) -> torch.Tensor:
+    """A dropless MoE forward pass the MegaBlocks way: route, sort the assignments by expert
+    (``sort_by_expert``), run each expert on its contiguous group (whatever its size: no capacity, no
+    padding, no token dropped), and scatter the weighted outputs back. Equals ``MoELayer`` with
+    ``capacity_factor=None``; sets the layer's ``router_logits``, ``tokens_per_expert`` and ``dropped``
+    (0) the same way. Chapter: Mixture of experts."""
+    if not isinstance(layer, MoELayer):
+        raise TypeError(f"layer must be a MoELayer, got {type(layer).__name__}")
+    hidden = layer.gate.weight.shape[1]
+    if _tensor(x).shape[-1] != hidden:
+        raise ValueError(f"x's last dimension must be {hidden}, got shape {tuple(x.shape)}")
+    flat = x.reshape(-1, hidden)
+    logits, weights, indices = layer.gate(flat)
+    order, counts = sort_by_expert(indices, layer.gate.n_experts)
+    n = len(flat)
+    token, slot = order % n, order // n  # flattened slot-major: position = slot * n + token
+    grouped = flat[token]  # (k * tokens, hidden), expert 0's tokens first
+    pieces = []
+    for expert, rows in zip(layer.experts, grouped.split(counts.tolist())):
+        if len(rows):
+            pieces.append(expert(rows))
+    y = torch.cat(pieces) * weights[token, slot, None]
+    out = torch.zeros_like(flat).index_add_(0, token, y.to(flat.dtype))
+    layer.router_logits, layer.tokens_per_expert, layer.dropped = logits, counts.cpu(), 0
+    return out.reshape(x.shape)

@@ -222,6 +222,95 @@ def test_mixtral_8x7b_is_47b_total_13b_active():
 
 # ----------------------------------------------------------------- bad input --
 
+# ------------------------------------------- balancing without a loss, dropless routing --
+
+def test_biased_sigmoid_router_matches_deepseek_v3():
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as ds
+
+    config = DeepseekV3Config(hidden_size=H, n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1,
+                              routed_scaling_factor=1.0, norm_topk_prob=True)
+    ref = ds.DeepseekV3TopkRouter(config)
+    ours = moe.TopKRouter(H, 8, 2, scoring="sigmoid")
+    with torch.no_grad():
+        ref.weight.copy_(_randn(8, H, seed=3) * 0.5)
+        ref.e_score_correction_bias.copy_(_randn(8, seed=4) * 0.3)
+        ours.weight.copy_(ref.weight)
+    ours.expert_bias = ref.e_score_correction_bias.clone()
+    x = _randn(40, H, seed=5)
+    logits, weights, indices = ours(x)
+    ref_logits, ref_weights, ref_indices = ref(x)
+    i, p = indices.sort(-1)  # transformers' top-k is unsorted
+    ri, rp = ref_indices.sort(-1)
+    assert torch.equal(i, ri)
+    torch.testing.assert_close(weights.gather(1, p), ref_weights.gather(1, rp))
+    torch.testing.assert_close(logits, ref_logits)
+    unbiased = moe.TopKRouter(H, 8, 2, scoring="sigmoid")
+    with torch.no_grad():
+        unbiased.weight.copy_(ref.weight)
+    assert not torch.equal(unbiased(x)[2].sort(-1)[0], i)  # the bias changed some choices
+    assert "expert_bias" not in ours.state_dict()  # not saved with the weights
+
+
+def test_expert_bias_changes_choices_not_weights():
+    router = moe.TopKRouter(H, E, K)
+    x = _randn(30, H, seed=6)
+    probs = router(x)[0].softmax(-1)
+    router.expert_bias = torch.tensor([10.0, 10.0, 0.0, 0.0])  # force experts 0 and 1
+    _, weights, indices = router(x)
+    assert torch.equal(indices.sort(-1)[0], torch.tensor([[0, 1]] * 30))
+    chosen = probs[:, :2]
+    torch.testing.assert_close(weights.sort(-1)[0], (chosen / chosen.sum(-1, keepdim=True)).sort(-1)[0])
+
+
+def test_update_expert_bias_moves_against_the_load():
+    router = moe.TopKRouter(H, 4, 1)
+    bias = moe.update_expert_bias(router, torch.tensor([8, 2, 5, 5]), 0.5)  # mean 5
+    assert bias.tolist() == [-0.5, 0.5, 0.0, 0.0] and router.expert_bias is bias
+    moe.update_expert_bias(router, torch.tensor([1, 9, 3, 3]), 0.25)
+    assert router.expert_bias.tolist() == [-0.25, 0.25, 0.25, 0.25]
+
+
+def test_update_expert_bias_balances_a_skewed_router():
+    torch.manual_seed(0)
+    router = moe.TopKRouter(H, 4, 1)
+    with torch.no_grad():
+        router.weight.normal_(0, 0.1)
+        router.weight[0] += 0.05  # every token leans towards expert 0
+    x = _randn(512, H, seed=7) + 1.0
+    share = lambda: torch.bincount(router(x)[2].flatten(), minlength=4).float() / len(x)
+    before = share().max().item()
+    for _ in range(200):
+        moe.update_expert_bias(router, torch.bincount(router(x)[2].flatten(), minlength=4), 0.002)
+    assert before > 0.8 and share().max().item() < 0.27
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_dropless_forward_equals_the_layer_without_capacity(k):
+    layer = moe.MoELayer(H, I, E, k)
+    x = _randn(3, 7, H, seed=8)
+    with torch.no_grad():
+        torch.testing.assert_close(moe.dropless_forward(layer, x), layer(x), rtol=0, atol=1e-6)
+    assert layer.dropped == 0 and int(layer.tokens_per_expert.sum()) == 21 * k
+
+
+def test_sort_by_expert_and_capacity_accounting():
+    indices = torch.tensor([[2, 0], [0, 1], [2, 1]])
+    order, counts = moe.sort_by_expert(indices, 4)
+    flat = indices.T.reshape(-1)
+    assert flat[order].tolist() == [0, 0, 1, 1, 2, 2] and counts.tolist() == [2, 2, 2, 0]
+    assert order.tolist() == [1, 3, 4, 5, 0, 2]  # first choices before second choices
+    load = torch.tensor([5, 1, 2, 0])
+    assert moe.capacity_accounting(load, 2) == {"routed": 8, "dropped": 3, "computed": 8, "padding": 3}
+    assert moe.capacity_accounting(load, None) == {"routed": 8, "dropped": 0, "computed": 8, "padding": 0}
+    # the same numbers as MoELayer's capacity (the hand-made example of the chapter)
+    layer = moe.MoELayer(4, 8, 4, 1, capacity_factor=1.0)
+    with torch.no_grad():
+        layer.gate.weight.copy_(torch.eye(4) * 10)
+        layer(torch.eye(4)[[0, 0, 0, 0, 0, 1, 2, 2]] + 0.01)
+    assert moe.capacity_accounting(layer.tokens_per_expert, 2)["dropped"] == layer.dropped == 3
+
+
 LAYER = moe.MoELayer(H, I, E, K)
 
 
@@ -247,6 +336,18 @@ LAYER = moe.MoELayer(H, I, E, K)
     (lambda: moe.load_balancing_loss(torch.ones(5, 4, dtype=torch.long), 1, 4), ValueError),
     (lambda: moe.moe_parameter_count({"hidden_size": 8}), ValueError),
     (lambda: moe.moe_parameter_count([1, 2]), TypeError),
+    (lambda: moe.TopKRouter(H, 4, 2, scoring="relu"), ValueError),
+    (lambda: moe.update_expert_bias(LAYER, torch.ones(E), 0.1), TypeError),
+    (lambda: moe.update_expert_bias(LAYER.gate, torch.ones(E + 1), 0.1), ValueError),
+    (lambda: moe.update_expert_bias(LAYER.gate, torch.ones(E), 0), ValueError),
+    (lambda: moe.update_expert_bias(LAYER.gate, torch.ones(E), "0.1"), TypeError),
+    (lambda: moe.capacity_accounting(torch.ones(4), 2), ValueError),
+    (lambda: moe.capacity_accounting(torch.tensor([1, -1]), 2), ValueError),
+    (lambda: moe.capacity_accounting(torch.tensor([1, 2]), 0), ValueError),
+    (lambda: moe.sort_by_expert(torch.tensor([[0, 4]]), 4), ValueError),
+    (lambda: moe.sort_by_expert(torch.ones(2, 2), 4), ValueError),
+    (lambda: moe.dropless_forward(LAYER.gate, torch.ones(2, H)), TypeError),
+    (lambda: moe.dropless_forward(LAYER, torch.ones(2, H + 1)), ValueError),
 ])
 def test_bad_input(call, err):
     with pytest.raises(err):
