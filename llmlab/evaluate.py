@@ -458,3 +458,65 @@ def run(model, tokenizer, suite=None, n: int = 64, seed: int = 11, style: str | 
             hits = sum(r[metric] for r in mc)
             add(f"multiple choice {metric}", hits / len(mc), wilson_interval(hits, len(mc), confidence), len(mc))
     return pd.DataFrame(rows).set_index("metric")
+
+
+# ------------------------------------------------------------ model-card scores --
+
+_PINNED = re.compile(r"^https://github\.com/[^/\s]+/[^/\s]+/blob/[0-9a-f]{40}/\S+$")
+
+
+def load_model_card_scores(path) -> dict:
+    """Read the benchmark scores that developers report in their own model cards
+    (``book/evaluation/model_card_scores.json``) and check their provenance.
+
+    Every score needs a ``model``, a ``benchmark`` listed under ``benchmarks``, a
+    percentage ``value`` in [0, 100], a ``source`` that is a GitHub file pinned to a
+    40-hex commit, and the ``quote`` (the table row it was read from) must print the
+    value. A benchmark's ``n`` is a positive int with an ``n_source`` URL, or null.
+    Raises ``ValueError`` listing every problem. Chapter: Evaluation.
+    """
+    import json
+    from pathlib import Path
+
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"path must be a str or Path, got {type(path).__name__}")
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"no model-card scores at {path}")
+    data = json.loads(path.read_text())
+    check_model_card_scores(data)
+    return data
+
+
+def check_model_card_scores(data: dict) -> int:
+    """The provenance rules of ``load_model_card_scores`` on a loaded dict; returns how
+    many scores passed. Chapter: Evaluation."""
+    if not isinstance(data, dict) or not isinstance(data.get("scores"), list):
+        raise TypeError("expected a dict with a 'scores' list and a 'benchmarks' dict")
+    benchmarks = data.get("benchmarks")
+    if not isinstance(benchmarks, dict):
+        raise TypeError("expected a dict with a 'scores' list and a 'benchmarks' dict")
+    problems = []
+    for name, b in benchmarks.items():
+        n = b.get("n") if isinstance(b, dict) else "?"
+        sourced = isinstance(b, dict) and str(b.get("n_source")).startswith("https://")
+        if n is not None and not (isinstance(n, int) and n > 0 and sourced):
+            problems.append(f"benchmark {name!r}: n needs a positive int, n_source")
+    for i, s in enumerate(data["scores"]):
+        where = f"scores[{i}]"
+        if not isinstance(s, dict):
+            problems.append(f"{where}: not a dict")
+            continue
+        v = s.get("value")
+        if not s.get("model") or s.get("benchmark") not in benchmarks:
+            problems.append(f"{where}: needs a model and a listed benchmark")
+        if isinstance(v, bool) or not isinstance(v, Real) or not 0 <= v <= 100:
+            problems.append(f"{where}: value {v!r} is not a percentage")
+        elif f"{v:.1f}" not in str(s.get("quote", "")):
+            problems.append(f"{where}: the quoted row does not print {v:.1f}")
+        if not _PINNED.match(str(s.get("source", ""))):
+            problems.append(f"{where}: source must be a GitHub file pinned to a commit")
+    if problems:
+        listed = "\n  ".join(problems)
+        raise ValueError(f"model-card scores break the provenance rules:\n  {listed}")
+    return len(data["scores"])

@@ -218,3 +218,42 @@ def test_a_llama_cpp_model_runs_through_the_same_harness(tmp_path, course_model)
         assert list(table.index) == ["perplexity", "bits per byte", "exact match (qa)", "gold reward (qa)"]
     finally:
         llm.close()
+
+
+def test_model_card_scores_keep_their_provenance(tmp_path):
+    """Chapter: Evaluation. Every reported score is pinned to the developer's README at
+    a commit, and the table row it came from prints the value."""
+    import copy
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    path = root / "book" / "evaluation" / "model_card_scores.json"
+    scores = evaluate.load_model_card_scores(path)
+    assert evaluate.check_model_card_scores(scores) >= 40
+    by = {
+        (s["model"], s["benchmark"], s["setting"]): s["value"] for s in scores["scores"]
+    }
+    assert by["DeepSeek-R1", "AIME 2024", "Pass@1"] == 79.8
+    assert scores["benchmarks"]["SWE-bench Verified"]["n"] == 500
+    for change, match in (
+        (lambda d: d["scores"][0].update(value=12.3), "does not print"),
+        (lambda d: d["scores"][0].update(value=101.0), "percentage"),
+        (lambda d: d["scores"][0].update(source="https://example.org/x"), "pinned"),
+        (lambda d: d["scores"][0].update(benchmark="nope"), "benchmark"),
+        (lambda d: d["benchmarks"]["AIME 2024"].update(n_source=None), "n_source"),
+    ):
+        bad = copy.deepcopy(scores)
+        change(bad)
+        with pytest.raises(ValueError, match=match):
+            evaluate.check_model_card_scores(bad)
+    with pytest.raises(TypeError):
+        evaluate.load_model_card_scores(42)
+    with pytest.raises(TypeError):
+        evaluate.check_model_card_scores({"scores": []})
+    with pytest.raises(ValueError):
+        evaluate.load_model_card_scores(tmp_path / "missing.json")
+    bad_file = tmp_path / "bad.json"
+    bad_file.write_text(json.dumps({"benchmarks": {}, "scores": [{"model": "x"}]}))
+    with pytest.raises(ValueError):
+        evaluate.load_model_card_scores(bad_file)
