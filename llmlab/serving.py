@@ -384,3 +384,350 @@ def load_test(client, model: str, prompts: list[str], concurrency: int, max_toke
             "tpot_p50_s": _percentile(tpot, 50), "tpot_p90_s": _percentile(tpot, 90),
             "latency_p50_s": statistics.median(latency), "latency_p90_s": _percentile(latency, 90),
             "results": results}
+
+
+# ------------------------------------------------------------------ scheduling, simulated --
+#
+# A real server's latency under load is set by two things: what one engine step costs (measured above, per
+# batch size) and the scheduler that decides which requests share a step. ``simulate`` keeps the first fixed
+# and swaps the second, so that schedulers can be compared on one engine, at loads this machine could not
+# drive for real. It is a discrete-event simulation: time jumps from one engine step to the next.
+
+POLICIES = ("serial", "static", "continuous")
+
+
+def _step_cost(step_s, max_batch):
+    if not isinstance(step_s, dict) or not step_s:
+        raise TypeError("step_s must be a non-empty dict {batch size: seconds per decode step}")
+    for b, s in step_s.items():
+        _positive_int(b, "a step_s batch size")
+        _real(s, f"step_s[{b}]", low_open=True)
+    sizes = sorted(step_s)
+    if sizes[0] != 1:
+        raise ValueError(f"step_s must give the cost of a batch of 1, got sizes {sizes}")
+    if max_batch > sizes[-1]:
+        raise ValueError(f"max_batch={max_batch} is larger than the largest measured batch ({sizes[-1]})")
+
+    def cost(b):  # linear between measured batch sizes
+        if b in step_s:
+            return float(step_s[b])
+        hi = next(s for s in sizes if s > b)
+        lo = max(s for s in sizes if s < b)
+        return step_s[lo] + (step_s[hi] - step_s[lo]) * (b - lo) / (hi - lo)
+
+    return cost
+
+
+def poisson_arrivals(rate: float, n: int, seed: int = 0) -> list[float]:
+    """``n`` arrival times (seconds, from 0) of an open-loop Poisson process of ``rate`` requests per second:
+    independent exponential gaps, so users arrive whatever the server is doing. Chapter: Serving."""
+    import random
+
+    rate = _real(rate, "rate", low_open=True)
+    _positive_int(n, "n")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    rng, t, out = random.Random(seed), 0.0, []
+    for _ in range(n):
+        t += rng.expovariate(rate)
+        out.append(t)
+    return out
+
+
+def simulate(step_s: dict, prefill_s, output_tokens, arrivals=None, users: int | None = None,
+             policy: str = "continuous", max_batch: int = 8, think_s: float = 0.0) -> dict:
+    """Discrete-event simulation of one engine serving requests under a scheduling ``policy``.
+
+    Costs, measured on a real engine: ``step_s[b]`` is the time of one decode step that advances ``b``
+    sequences by one token (linear in between measured sizes); ``prefill_s`` the time to prefill one request
+    (a number, or one per request), which also yields its first token. Requests: ``output_tokens[i]`` tokens
+    each, arriving either at the given ``arrivals`` times (an **open loop**: users come whatever the server
+    does, e.g. ``poisson_arrivals``) or from ``users`` clients that each send their next request ``think_s``
+    after the previous one is answered (a **closed loop**, as ``load_test`` does), in index order.
+
+    Policies: ``"serial"`` answers one request at a time (the llama-cpp-python server); ``"static"`` forms a
+    batch of up to ``max_batch`` waiting requests and runs it until its longest member is done, finished
+    members keeping their slot (padding) and newcomers waiting for the whole batch (``generate`` on a batch);
+    ``"continuous"`` admits waiting requests into free slots at every step and drops finished ones at once
+    (Orca's iteration-level scheduling, vLLM, ``transformers serve --continuous-batching``). Admitted requests'
+    prefills run as one iteration before the next decode step, stalling it (no chunked prefill).
+
+    Returns per-request lists ``arrival_s``, ``ttft_s``, ``latency_s`` (arrival to last token), ``tpot_s``, and
+    ``makespan_s``, ``requests_per_s``, ``tokens_per_s``, ``mean_queue`` (time-average number of requests
+    waiting, for Little's law) and p50/p99 of TTFT and latency. Chapter: Serving."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    _positive_int(max_batch, "max_batch")
+    if policy == "serial":
+        max_batch = 1
+    cost = _step_cost(step_s, max_batch)
+    if isinstance(output_tokens, (str, bytes)) or not isinstance(output_tokens, (list, tuple)):
+        raise TypeError("output_tokens must be a list of ints, one per request")
+    if not output_tokens:
+        raise ValueError("output_tokens must not be empty")
+    n_out = [_positive_int(k, "output_tokens[i]") for k in output_tokens]
+    n = len(n_out)
+    if isinstance(prefill_s, (list, tuple)):
+        if len(prefill_s) != n:
+            raise ValueError(f"prefill_s has {len(prefill_s)} entries for {n} requests")
+        prefill = [_real(p, "prefill_s[i]") for p in prefill_s]
+    else:
+        prefill = [_real(prefill_s, "prefill_s")] * n
+    think_s = _real(think_s, "think_s")
+    if (arrivals is None) == (users is None):
+        raise ValueError("give either arrivals (an open loop) or users (a closed loop), not both")
+    if arrivals is not None:
+        if isinstance(arrivals, (str, bytes)) or not isinstance(arrivals, (list, tuple)):
+            raise TypeError("arrivals must be a list of times in seconds")
+        if len(arrivals) != n:
+            raise ValueError(f"arrivals has {len(arrivals)} times for {n} requests")
+        arrive = [_real(a, "arrivals[i]") for a in arrivals]
+        if any(b < a for a, b in zip(arrive, arrive[1:])):
+            raise ValueError("arrivals must be sorted")
+        next_sent = n
+    else:
+        _positive_int(users, "users")
+        arrive = [math.inf] * n
+        for i in range(min(users, n)):
+            arrive[i] = 0.0
+        next_sent = min(users, n)
+
+    first, finish, start = [math.nan] * n, [math.nan] * n, [math.nan] * n
+    left = list(n_out)
+    t, nxt, done = 0.0, 0, 0  # nxt: the next request not yet queued (requests arrive in index order)
+    waiting: list[int] = []
+    running: list[int] = []
+    batch_size = 0  # static batching: the slots the current batch holds, finished members included
+
+    def finish_request(i):
+        nonlocal done, next_sent
+        finish[i] = t
+        done += 1
+        if arrivals is None and next_sent < n:  # closed loop: this user sends its next request
+            arrive[next_sent] = t + think_s
+            next_sent += 1
+
+    while done < n:
+        while nxt < n and arrive[nxt] <= t:
+            waiting.append(nxt)
+            nxt += 1
+        if not running and not waiting:
+            t = arrive[nxt]  # idle until the next arrival
+            continue
+        if waiting and len(running) < max_batch and (policy != "static" or not running):
+            admit = waiting[: max_batch - len(running)]
+            del waiting[: len(admit)]
+            for i in admit:
+                start[i] = t
+            t += sum(prefill[i] for i in admit)  # one prefill iteration for the newcomers
+            for i in admit:
+                first[i] = t
+                left[i] -= 1
+                if left[i] == 0:
+                    finish_request(i)
+                else:
+                    running.append(i)
+            batch_size = len(admit)
+            continue
+        t += cost(batch_size if policy == "static" else len(running))  # one decode step
+        still = []
+        for i in running:
+            left[i] -= 1
+            if left[i] == 0:
+                finish_request(i)
+            else:
+                still.append(i)
+        running = still
+
+    latency = [f - a for f, a in zip(finish, arrive)]
+    ttft = [f - a for f, a in zip(first, arrive)]
+    tpot = [(f - s) / (k - 1) if k > 1 else math.nan for f, s, k in zip(finish, first, n_out)]
+    span = max(finish) - min(arrive)
+    return {"policy": policy, "max_batch": max_batch, "arrival_s": arrive, "ttft_s": ttft,
+            "latency_s": latency, "tpot_s": tpot, "makespan_s": span,
+            "requests_per_s": n / span if span > 0 else math.inf,
+            "tokens_per_s": sum(n_out) / span if span > 0 else math.inf,
+            "mean_queue": sum(s - a for s, a in zip(start, arrive)) / span if span > 0 else 0.0,
+            "ttft_p50_s": _percentile(ttft, 50), "ttft_p99_s": _percentile(ttft, 99),
+            "latency_p50_s": _percentile(latency, 50), "latency_p99_s": _percentile(latency, 99)}
+
+
+def step_costs(engine, batch_sizes=(1, 2, 4, 8), context: int = 32, prompt_tokens: int = 10,
+               repeats: int = 5) -> dict:
+    """What ``simulate`` needs, measured in process on a real engine: ``step_s[b]``, the seconds of one decode
+    step that advances ``b`` sequences by one token each after ``context`` tokens, and ``prefill_s``, the
+    seconds to prefill one ``prompt_tokens``-token prompt. Each is the fastest of ``repeats`` runs (the work is
+    fixed; a loaded machine only adds time).
+
+    ``engine`` is a transformers causal LM (a batch of ``b`` rows, one new token each, on a KV cache) or a
+    ``llama_cpp.Llama`` (llama.cpp batches by putting the tokens of all sequences in one ``llama_decode``;
+    here ``b`` tokens of one sequence stand in for them: the same weight matrices multiply ``b`` rows, and at
+    this short context the attention that differs is a small share). Chapter: Serving."""
+    if isinstance(batch_sizes, (str, bytes)) or not isinstance(batch_sizes, (list, tuple)) or not batch_sizes:
+        raise TypeError("batch_sizes must be a non-empty list of ints")
+    sizes = sorted({_positive_int(b, "batch size") for b in batch_sizes})
+    if sizes[0] != 1:
+        raise ValueError("batch_sizes must include 1")
+    _positive_int(context, "context")
+    _positive_int(prompt_tokens, "prompt_tokens")
+    _positive_int(repeats, "repeats")
+    ids = [(7 * k + 3) % 500 + 10 for k in range(context + max(sizes) + prompt_tokens)]  # any in-vocab ids
+    llama_cpp = importlib.util.find_spec("llama_cpp") and __import__("llama_cpp")
+    if llama_cpp and isinstance(engine, llama_cpp.Llama):
+        if context + max(sizes) > engine.n_ctx() or prompt_tokens > engine.n_ctx():
+            raise ValueError("context + the largest batch must fit the Llama's n_ctx")
+
+        engine.reset()
+        engine.eval(ids[:context])
+        step = dict.fromkeys(sizes, math.inf)
+        for k in range(repeats + 1):  # interleaved: a burst of load hits every size alike
+            for b in sizes:
+                engine.n_tokens = context  # eval first drops the cache past n_tokens
+                t0 = time.perf_counter()
+                engine.eval(ids[context:context + b])
+                if k:  # the first round warms up
+                    step[b] = min(step[b], time.perf_counter() - t0)
+        best = math.inf
+        for k in range(repeats + 1):
+            engine.reset()
+            t0 = time.perf_counter()
+            engine.eval(ids[:prompt_tokens])
+            if k:
+                best = min(best, time.perf_counter() - t0)
+        return {"step_s": step, "prefill_s": best}
+    import torch
+
+    if not (isinstance(engine, torch.nn.Module) and hasattr(engine, "config")):
+        raise TypeError(f"engine must be a transformers causal LM or a llama_cpp.Llama, "
+                        f"got {type(engine).__name__}")
+    device = next(engine.parameters()).device
+    step = dict.fromkeys(sizes, math.inf)
+    with torch.inference_mode():
+        caches = {b: engine(torch.tensor([ids[:context]] * b, device=device), use_cache=True).past_key_values
+                  for b in sizes}
+        for k in range(repeats + 1):  # interleaved, the first round warms up
+            for b in sizes:
+                new = torch.tensor([[ids[context]]] * b, device=device)
+                t0 = time.perf_counter()
+                engine(new, past_key_values=caches[b], use_cache=True)
+                if k:
+                    step[b] = min(step[b], time.perf_counter() - t0)
+                caches[b].crop(-1)  # drop the new token: every round sees the same context
+        prompt = torch.tensor([ids[:prompt_tokens]], device=device)
+        best = math.inf
+        for k in range(repeats + 1):
+            t0 = time.perf_counter()
+            engine(prompt, use_cache=True)
+            if k:
+                best = min(best, time.perf_counter() - t0)
+    return {"step_s": step, "prefill_s": best}
+
+
+def record_step_costs(path, repeats: int = 200, batch_sizes=(1, 2, 4, 8)) -> dict:
+    """Measure ``step_costs`` of the course model in transformers (float32, one thread) and in llama.cpp (its
+    f32 GGUF, one thread, f32 KV cache), with many ``repeats`` so that the fastest run is a clean one even on a
+    loaded machine, and write them to ``path`` as JSON with their provenance (CPU, load, versions, date). The
+    Serving chapter's simulations read this file and re-measure a slice live. Made with
+    ``python -c "from llmlab import serving; serving.record_step_costs('book/inference/serving_step_costs.json')"``.
+    Chapter: Serving."""
+    import datetime
+    import json
+    import platform
+
+    import torch
+
+    from llmlab import llamacpp, models
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a path, got {type(path).__name__}")
+    _positive_int(repeats, "repeats")
+    torch.set_num_threads(1)
+    model, _ = models.load(models.COURSE_MODEL, dtype="float32")
+    costs = {"transformers": step_costs(model, batch_sizes, repeats=repeats)}
+    with tempfile.TemporaryDirectory() as tmp:
+        gguf = llamacpp.convert(models.COURSE_MODEL_DIR, Path(tmp) / "course-f32.gguf", "f32")
+        llm = llamacpp.load(gguf, threads=1, kv_cache="f32")
+        costs["llama.cpp"] = step_costs(llm, batch_sizes, repeats=repeats)
+        llm.close()
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import llama_cpp
+    import transformers
+
+    record = {"costs": {e: {"step_s": {str(b): s for b, s in c["step_s"].items()}, "prefill_s": c["prefill_s"]}
+                        for e, c in costs.items()},
+              "context_tokens": 32, "prompt_tokens": 10, "repeats": repeats, "threads": 1,
+              "provenance": {"cpu": cpu, "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+                             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                             "torch": torch.__version__, "transformers": transformers.__version__,
+                             "llama_cpp_python": llama_cpp.__version__, "python": platform.python_version(),
+                             "made_by": "llmlab.serving.record_step_costs"}}
+    Path(path).write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def load_step_costs(path) -> dict:
+    """The step costs ``record_step_costs`` stored: ``{engine: {"step_s": {b: s}, "prefill_s": s}}`` with integer
+    batch sizes, plus the record's ``provenance``. Chapter: Serving."""
+    import json
+
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a path, got {type(path).__name__}")
+    if not Path(path).is_file():
+        raise ValueError(f"no step-cost record at {path}")
+    record = json.loads(Path(path).read_text())
+    costs = {e: {"step_s": {int(b): float(s) for b, s in c["step_s"].items()}, "prefill_s": float(c["prefill_s"])}
+             for e, c in record["costs"].items()}
+    return {"costs": costs, "provenance": record["provenance"], "repeats": record["repeats"]}
+
+
+# ------------------------------------------------------------------ many adapters, one batch --
+
+def multi_lora_linear(x, weight, lora_A, lora_B, adapter_ids, scaling=1.0, bias=None):
+    """One linear layer for a batch whose rows use different LoRA adapters: the idea behind Punica's SGMV
+    kernel and S-LoRA. The base product ``x W^T`` is computed once for the whole batch; each row then adds its
+    own adapter's low-rank update, ``scaling[a] * (x A_a^T) B_a^T``, with the adapters' matrices gathered by
+    row. Requests for different fine-tunes of one base model share every base-weight read, as in plain
+    batching, instead of each adapter needing its own merged copy of the model.
+
+    ``x``: (batch, ..., in); ``weight``: (out, in); ``lora_A``: (n_adapters, r, in); ``lora_B``:
+    (n_adapters, out, r); ``adapter_ids``: (batch,) integer tensor, ``-1`` for the base model alone;
+    ``scaling``: a number or one per adapter (peft's ``lora_alpha / r``). Chapter: Serving."""
+    import torch
+
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B),
+                    ("adapter_ids", adapter_ids)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if weight.dim() != 2 or lora_A.dim() != 3 or lora_B.dim() != 3 or x.dim() < 2:
+        raise ValueError("shapes: x (batch, ..., in), weight (out, in), lora_A (n, r, in), lora_B (n, out, r)")
+    out_f, in_f = weight.shape
+    n, r, a_in = lora_A.shape
+    if x.shape[-1] != in_f or a_in != in_f or lora_B.shape != (n, out_f, r):
+        raise ValueError(f"shapes do not fit: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
+                         f"lora_A {tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}")
+    if adapter_ids.dtype not in (torch.int32, torch.int64) or adapter_ids.shape != (x.shape[0],):
+        raise ValueError(f"adapter_ids must be an integer tensor of shape ({x.shape[0]},)")
+    if bool(((adapter_ids < -1) | (adapter_ids >= n)).any()):
+        raise ValueError(f"adapter_ids must lie in [-1, {n - 1}]")
+    if isinstance(scaling, torch.Tensor):
+        if scaling.shape != (n,):
+            raise ValueError(f"scaling must have one value per adapter ({n},)")
+        scale = scaling.to(x.dtype)
+    else:
+        scale = torch.full((n,), _real(scaling, "scaling"), dtype=x.dtype)
+    if bias is not None and (not isinstance(bias, torch.Tensor) or bias.shape != (out_f,)):
+        raise ValueError(f"bias must be a tensor of shape ({out_f},) or None")
+    y = torch.nn.functional.linear(x, weight, bias)  # the shared base product, one for the whole batch
+    use = adapter_ids >= 0
+    if bool(use.any()):
+        ids = adapter_ids.clamp(min=0)
+        A, B = lora_A[ids], lora_B[ids]  # gathered per row: (batch, r, in), (batch, out, r)
+        flat = x.reshape(x.shape[0], -1, in_f)
+        delta = torch.bmm(torch.bmm(flat, A.transpose(1, 2)), B.transpose(1, 2))  # (batch, tokens, out)
+        delta = delta * (scale[ids] * use.to(x.dtype)).view(-1, 1, 1)
+        y = y + delta.reshape(y.shape)
+    return y

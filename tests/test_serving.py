@@ -205,3 +205,140 @@ def test_transformers_server_bad_input(tmp_path):
         serving.TransformersServer(COURSE_MODEL_DIR, num_blocks=0)
     with pytest.raises(TypeError, match="model_dir"):
         serving.TransformersServer(None)
+
+
+# ------------------------------------------------------------------ the scheduling simulator --
+
+COSTS = {1: 0.01, 2: 0.011, 4: 0.013, 8: 0.017}
+
+
+def test_one_request_alone_takes_its_service_time():
+    for policy in serving.POLICIES:
+        r = serving.simulate(COSTS, 0.05, [10], arrivals=[2.0], policy=policy)
+        assert r["ttft_s"] == [pytest.approx(0.05)]
+        assert r["latency_s"] == [pytest.approx(0.05 + 9 * 0.01)]
+        assert r["tpot_s"] == [pytest.approx(0.01)]
+
+
+def test_serial_matches_the_m_d_1_queue_and_littles_law():
+    # Poisson arrivals, one server, a fixed service time S: Pollaczek-Khinchine gives the mean wait
+    # W_q = rho S / (2 (1 - rho)) and, through Little's law, the mean queue L_q = lambda W_q
+    service, rho, n = 0.05 + 9 * 0.01, 0.6, 20000
+    lam = rho / service
+    r = serving.simulate({1: 0.01}, 0.05, [10] * n, arrivals=serving.poisson_arrivals(lam, n, seed=3),
+                         policy="serial")
+    wait = sum(x - service for x in r["latency_s"]) / n
+    assert wait == pytest.approx(rho * service / (2 * (1 - rho)), rel=0.08)
+    assert r["mean_queue"] == pytest.approx(rho**2 / (2 * (1 - rho)), rel=0.08)
+    assert r["mean_queue"] == pytest.approx(r["requests_per_s"] * wait, rel=0.01)  # Little's law
+
+
+def test_closed_loop_obeys_the_response_time_law():
+    # N users, no think time, one at a time: throughput 1/S and every request waits for the N - 1 others
+    service = 0.05 + 9 * 0.01
+    r = serving.simulate({1: 0.01}, 0.05, [10] * 200, users=4, policy="serial")
+    assert r["requests_per_s"] == pytest.approx(1 / service)
+    assert r["latency_s"][-100:] == [pytest.approx(4 * service)] * 100
+    # all eight requests of a load test sent at once: latencies 1..8 service times, as the chapter's queue
+    r = serving.simulate({1: 0.01}, 0.05, [10] * 8, users=8, policy="serial")
+    assert sorted(r["latency_s"]) == [pytest.approx(k * service) for k in range(1, 9)]
+
+
+def test_static_and_continuous_batching_by_hand():
+    # two requests at t=0 (2 and 4 tokens), a third at t=0.001 (2 tokens); prefill 0.1, steps from COSTS
+    arrivals, outs = [0.0, 0.0, 0.001], [2, 4, 2]
+    static = serving.simulate(COSTS, 0.1, outs, arrivals=arrivals, policy="static", max_batch=2)
+    # batch {0, 1}: prefill 0.2, then 3 steps at batch 2 (the finished one keeps its slot); then {2}
+    assert static["latency_s"][0] == pytest.approx(0.2 + 0.011)
+    assert static["latency_s"][1] == pytest.approx(0.2 + 3 * 0.011)
+    assert static["latency_s"][2] == pytest.approx(0.2 + 3 * 0.011 + 0.1 + 0.01 - 0.001)
+    cont = serving.simulate(COSTS, 0.1, outs, arrivals=arrivals, policy="continuous", max_batch=2)
+    # {0, 1} prefilled, one step at 2; request 0 leaves, 2 joins (prefill 0.1), then steps at batch 2
+    t1 = 0.2 + 0.011
+    assert cont["latency_s"][0] == pytest.approx(t1)
+    assert cont["ttft_s"][2] == pytest.approx(t1 + 0.1 - 0.001)
+    assert cont["latency_s"][2] == pytest.approx(t1 + 0.1 + 0.011 - 0.001)
+    assert cont["latency_s"][1] == pytest.approx(t1 + 0.1 + 0.011 + 0.01)  # alone for its last step
+    assert cont["latency_s"][1] < static["latency_s"][1] + static["latency_s"][2]
+    # step costs between measured batch sizes are interpolated linearly: 3 sequences cost (0.011 + 0.013) / 2
+    r = serving.simulate(COSTS, 0.0, [2, 2, 2], arrivals=[0.0] * 3, policy="continuous")
+    assert r["latency_s"] == [pytest.approx(0.012)] * 3
+
+
+def test_poisson_arrivals_have_the_asked_rate():
+    a = serving.poisson_arrivals(50.0, 5000, seed=1)
+    assert a == sorted(a) and a == serving.poisson_arrivals(50.0, 5000, seed=1)
+    assert len(a) / a[-1] == pytest.approx(50.0, rel=0.05)
+
+
+def test_simulator_bad_input():
+    with pytest.raises(ValueError, match="policy"):
+        serving.simulate(COSTS, 0.1, [2], arrivals=[0.0], policy="fifo")
+    with pytest.raises(ValueError, match="either arrivals"):
+        serving.simulate(COSTS, 0.1, [2], arrivals=[0.0], users=1)
+    with pytest.raises(ValueError, match="batch of 1"):
+        serving.simulate({2: 0.1}, 0.1, [2], arrivals=[0.0])
+    with pytest.raises(ValueError, match="max_batch"):
+        serving.simulate(COSTS, 0.1, [2], arrivals=[0.0], max_batch=16)
+    with pytest.raises(TypeError, match="step_s"):
+        serving.simulate([0.1], 0.1, [2], arrivals=[0.0])
+    with pytest.raises(ValueError, match="sorted"):
+        serving.simulate(COSTS, 0.1, [2, 2], arrivals=[1.0, 0.0])
+    with pytest.raises(ValueError, match="2 times for 1"):
+        serving.simulate(COSTS, 0.1, [2], arrivals=[0.0, 1.0])
+    with pytest.raises(ValueError, match=">= 1"):
+        serving.simulate(COSTS, 0.1, [0], arrivals=[0.0])
+    with pytest.raises(ValueError, match="rate"):
+        serving.poisson_arrivals(0.0, 3)
+    with pytest.raises(TypeError, match="engine"):
+        serving.step_costs("model")
+    with pytest.raises(ValueError, match="include 1"):
+        serving.step_costs("model", batch_sizes=[2, 4])
+    with pytest.raises(ValueError, match="no step-cost record"):
+        serving.load_step_costs("/nonexistent.json")
+
+
+def test_step_costs_measures_both_engines(hf, gguf):
+    model, _ = hf
+    costs = serving.step_costs(model, [1, 2], context=8, repeats=2)
+    assert set(costs["step_s"]) == {1, 2} and all(s > 0 for s in costs["step_s"].values())
+    llm = llamacpp.load(gguf, threads=1, kv_cache="f32")
+    try:
+        costs = serving.step_costs(llm, [1, 2], context=8, repeats=2)
+        assert set(costs["step_s"]) == {1, 2} and costs["prefill_s"] > 0
+    finally:
+        llm.close()
+
+
+# ------------------------------------------------------------------ multi-LoRA --
+
+def test_multi_lora_linear_equals_peft_mixed_adapter_batches():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 12))
+    cfg = dict(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False)
+    net = get_peft_model(base, LoraConfig(**cfg), adapter_name="first")
+    net.add_adapter("second", LoraConfig(**{**cfg, "r": 2, "lora_alpha": 6}))
+    net.eval()
+    x = torch.randn(5, 3, 16)
+    names = ["first", "second", "__base__", "first", "second"]
+    with torch.no_grad():
+        want = net(x, adapter_names=names)
+        layer = net.base_model.model[0]
+        r = 4  # pad adapter b's rank 2 to 4 with zeros: one stacked tensor per matrix
+        A = torch.zeros(2, r, 16)
+        B = torch.zeros(2, 12, r)
+        for k, name in enumerate(("first", "second")):
+            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+            A[k, : a.shape[0]], B[k, :, : b.shape[1]] = a, b
+        scaling = torch.tensor([layer.scaling["first"], layer.scaling["second"]])
+        ids = torch.tensor([0, 1, -1, 0, 1])
+        got = serving.multi_lora_linear(x, layer.base_layer.weight, A, B, ids, scaling, layer.base_layer.bias)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="adapter_ids must lie"):
+        serving.multi_lora_linear(x, layer.base_layer.weight, A, B, torch.tensor([0, 1, 2, 0, 1]))
+    with pytest.raises(ValueError, match="shapes do not fit"):
+        serving.multi_lora_linear(x[..., :8], layer.base_layer.weight, A, B, ids)
+    with pytest.raises(TypeError, match="x must be"):
+        serving.multi_lora_linear(x.numpy(), layer.base_layer.weight, A, B, ids)
