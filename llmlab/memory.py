@@ -14,9 +14,18 @@ KNOWN_BITS = (2, 3, 4, 5, 6, 8, 16, 32)
 OPTIMIZERS = ("adamw", "adamw_8bit", "adafactor", "sgd")
 
 GIB = 2**30
-# Memory of common GPUs in decimal GB, from their nominal GiB; for the T4, what Colab's PyTorch sees (15 GiB).
-GPUS = {name: gib * GIB / GB for name, gib in
-        {"T4": 15, "L4": 24, "A10G": 24, "RTX 4090": 24, "A100-40GB": 40, "A100-80GB": 80, "H100": 80}.items()}
+# What CUDA reports on Colab's T4: torch.cuda.get_device_properties(0).total_memory is 15,828,320,256 bytes
+# (printed as 15095MB, that is MiB: 14.74 GiB); nvidia-smi shows 15360MiB (15 GiB) and the card is sold as 16 GB.
+T4_TOTAL_BYTES = 15_828_320_256
+# Memory of common GPUs in decimal GB: for the T4 what CUDA reports (above); for the others their nominal GiB,
+# which CUDA reports a little below (by about 1-4 %), as it does for the T4.
+GPUS = {"T4": T4_TOTAL_BYTES / GB,
+        **{name: gib * GIB / GB for name, gib in
+           {"L4": 24, "A10G": 24, "RTX 4090": 24, "A100-40GB": 40, "A100-80GB": 80, "H100": 80}.items()}}
+# The CUDA context (driver, loaded kernels, cuBLAS workspace) takes GPU memory before the first tensor: about
+# 0.3-0.4 GB with the lazy kernel loading of CUDA >= 11.7 (PyTorch's maintainers, pytorch/pytorch#107667 and
+# #109888), more before. ``fits`` keeps this much of a named GPU for it.
+CUDA_CONTEXT_GB = 0.5
 
 
 def _number(x, name, positive=True):
@@ -184,19 +193,38 @@ class Fit:
         return self.ok
 
 
+def usable_gb(gpu: str) -> float:
+    """GB that tensors can use on a named GPU (a key of ``GPUS``): its memory less ``CUDA_CONTEXT_GB``.
+    Chapter: Memory and compute.
+
+    >>> round(usable_gb("T4"), 2)
+    15.33
+    """
+    if not isinstance(gpu, str):
+        raise TypeError(f"gpu must be a GPU name (a key of GPUS), got {type(gpu).__name__}")
+    if gpu not in GPUS:
+        raise ValueError(f"unknown GPU {gpu!r}; known: {sorted(GPUS)}")
+    return GPUS[gpu] - CUDA_CONTEXT_GB
+
+
 def fits(needed_gb, gpu="T4") -> Fit:
-    """Will ``needed_gb`` (an estimate above, in GB) fit on ``gpu`` (a name in ``GPUS`` or GB available)?"""
+    """Will ``needed_gb`` (an estimate above, in GB) fit on ``gpu``? Chapter: Memory and compute.
+
+    ``gpu`` is a name in ``GPUS`` (then ``CUDA_CONTEXT_GB`` of it is kept for the CUDA context, see
+    ``usable_gb``) or the GB available to tensors, taken as given."""
     _number(needed_gb, "needed_gb")
     if isinstance(gpu, str):
         if gpu not in GPUS:
             raise ValueError(f"unknown GPU {gpu!r}; known: {sorted(GPUS)} (or pass its memory in GB)")
-        name, avail = gpu, GPUS[gpu]
+        name, avail = gpu, usable_gb(gpu)
+        note = f"{avail:.1f} GB usable after {CUDA_CONTEXT_GB:g} GB for the CUDA context"
     else:
         avail = _number(gpu, "gpu")
         name = f"a {avail:g} GB GPU"
+        note = f"{avail:.1f} GB usable"
     ok = needed_gb <= avail
     verb = "fits on" if ok else "does not fit on"
-    return Fit(ok, needed_gb, avail, f"{needed_gb:.1f} GB {verb} {name} ({avail:.1f} GB usable): "
+    return Fit(ok, needed_gb, avail, f"{needed_gb:.1f} GB {verb} {name} ({note}): "
                + (f"{avail - needed_gb:.1f} GB to spare" if ok else f"{needed_gb - avail:.1f} GB short"))
 
 

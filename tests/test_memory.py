@@ -80,7 +80,20 @@ def test_kv_cache_matches_transformers_cache():
 
 
 def test_fits():
-    assert M.GPUS["T4"] == pytest.approx(15 * 2**30 / 1e9)  # Colab's T4: 15 GiB visible to PyTorch
+    # Colab's T4 as CUDA reports it: 15,828,320,256 bytes = 15095 MiB = 14.74 GiB, not 15 GiB
+    assert M.GPUS["T4"] == 15_828_320_256 / 1e9
+    assert 14.7 < M.GPUS["T4"] * 1e9 / 2**30 < 14.75 and int(M.GPUS["T4"] * 1e9) // 2**20 == 15095
+    assert M.usable_gb("T4") == pytest.approx(M.GPUS["T4"] - M.CUDA_CONTEXT_GB)
+    assert 0.3 <= M.CUDA_CONTEXT_GB <= 0.6
+    # the context reserve decides near the edge: 15.6 GB (a 13B model at 8 bits, rule of thumb) fit in 15 GiB,
+    # but not in what is left of a T4 after the CUDA context
+    assert M.fits(15.6, 15 * 2**30 / 1e9) and not M.fits(15.6, "T4")
+    assert M.fits(15.3, "T4") and "CUDA context" in M.fits(15.3, "T4").reason
+    assert M.fits(15.8, 15.83).available_gb == 15.83  # a number is taken as given, no reserve
+    with pytest.raises(TypeError):
+        M.usable_gb(16)
+    with pytest.raises(ValueError):
+        M.usable_gb("T5")
     assert not M.fits(16.8, "T4") and "short" in M.fits(16.8, "T4").reason
     with pytest.raises(ValueError):
         M.fits(float("nan"), "T4")
