@@ -145,6 +145,39 @@ def from_deepseek_inference(raw: dict) -> dict:
     return values
 
 
+def from_llama_args(args: dict) -> dict:
+    """transformers ``llama`` config values from Meta's ``arch_args``
+    (``models/sku_list.py`` in meta-llama/llama-models): ``dim``, ``n_layers``,
+    ``n_heads``, ``n_kv_heads``, ``vocab_size``, ``ffn_dim_multiplier`` and
+    ``multiple_of``.
+
+    The MLP width follows Meta's ``FeedForward``: ``int(2 * 4 * dim / 3)``, times
+    ``ffn_dim_multiplier`` (truncated), rounded up to a multiple of ``multiple_of``;
+    for Llama 3.1 8B, 14,336. Chapter: The open-model landscape.
+    """
+    if not isinstance(args, dict):
+        kind = type(args).__name__
+        raise TypeError(f"args must be a dict (Meta's arch_args), got {kind}")
+    need = ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of")
+    missing = [k for k in need if not isinstance(args.get(k), int) or args[k] < 1]
+    if missing:
+        raise ValueError(f"arch_args need positive ints for {missing}")
+    hidden = int(2 * 4 * args["dim"] / 3)
+    if args.get("ffn_dim_multiplier") is not None:
+        hidden = int(args["ffn_dim_multiplier"] * hidden)
+    m = args["multiple_of"]
+    return {
+        "model_type": "llama",
+        "hidden_size": args["dim"],
+        "intermediate_size": m * ((hidden + m - 1) // m),
+        "num_hidden_layers": args["n_layers"],
+        "num_attention_heads": args["n_heads"],
+        "num_key_value_heads": args.get("n_kv_heads") or args["n_heads"],
+        "vocab_size": args["vocab_size"],
+        "tie_word_embeddings": False,
+    }
+
+
 # ------------------------------------------------------------------ counting --
 
 def _config(values):

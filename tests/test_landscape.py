@@ -194,3 +194,15 @@ def test_bad_inputs(tmp_path):
         L.kv_cache({"model_type": "llama"}, 0)
     with pytest.raises(ValueError):
         L.kv_cache({"model_type": "llama"}, 1.5)
+
+
+def test_llama_31_config_is_metas_own_arch_args(by_name):
+    """Llama 3.1 8B's values: Meta's sku_list arch_args through Meta's MLP rule."""
+    cfg = by_name["Llama 3.1 8B"]["config"]
+    mapped = L.from_llama_args(cfg["raw"])
+    assert {k: cfg["values"][k] for k in mapped} == mapped
+    assert mapped["intermediate_size"] == 14336  # 1024 * ceil(int(1.3 * 10922) / 1024)
+    with pytest.raises(TypeError):
+        L.from_llama_args("llama")
+    with pytest.raises(ValueError, match="dim"):
+        L.from_llama_args({**cfg["raw"], "dim": 0})
