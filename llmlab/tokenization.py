@@ -345,3 +345,76 @@ class BPE:
             bpe.vocab[t["id"]] = t["content"].encode("utf-8")
         bpe._reset()
         return bpe
+
+
+# ------------------------------------------------------------- other subword algorithms --
+
+SUBWORD_ALGORITHMS = ("bpe", "wordpiece", "unigram")
+
+
+def train_subword(texts: Iterable[str], vocab_size: int, algorithm: str):
+    """Train a small tokenizer of one of three subword families with the `tokenizers` library; return the
+    ``tokenizers.Tokenizer``. Chapter: Tokenization (WordPiece and Unigram beside byte-level BPE).
+
+    - ``"bpe"``: byte-level BPE as GPT-2 (the course tokenizer's recipe, no special tokens): spaces are part of
+      the tokens, every byte is in the vocabulary, so nothing is unknown.
+    - ``"wordpiece"``: BERT's WordPiece: text is cut at whitespace and punctuation (the spaces are dropped), a
+      word is spelled greedily with the longest vocabulary entry first, pieces inside a word start with ``##``;
+      characters never seen in training become ``[UNK]``.
+    - ``"unigram"``: SentencePiece's Unigram language model: a space becomes ``▁`` at the start of the next
+      word, a word is cut into its most probable pieces (Viterbi); unseen characters become ``<unk>``.
+
+    ``vocab_size`` is an upper bound: on a small corpus a trainer may stop with fewer ids.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if not isinstance(algorithm, str):
+        raise TypeError(f"algorithm must be a string, got {type(algorithm).__name__}")
+    if algorithm not in SUBWORD_ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {SUBWORD_ALGORITHMS}, got {algorithm!r}")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
+        raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
+    if vocab_size < 260:
+        raise ValueError(f"vocab_size must be at least 260 (a byte alphabet and a few merges), got {vocab_size}")
+    texts = _check_texts(texts)
+    if not texts:
+        raise ValueError("texts is empty")
+    if algorithm == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                      show_progress=False)
+    elif algorithm == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=["[UNK]"], show_progress=False)
+    else:
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.decoder = decoders.Metaspace()
+        trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<unk>"], unk_token="<unk>",
+                                          show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+# Vocabulary sizes of released models: ids the tokenizer defines, and how the number is made up, from each
+# model's own paper or code (the tokenization chapter prints this table; its references give the sources).
+VOCAB_SIZES = {
+    "GPT-2": {"ids": 50_257, "made of": "byte-level BPE: 256 bytes, merges, <|endoftext|>",
+              "source": "Radford et al. 2019: 'The vocabulary is expanded to 50,257'"},
+    "Llama 2": {"ids": 32_000, "made of": "SentencePiece BPE, digits split, byte fallback",
+                "source": "Touvron et al. 2023 (Llama 2), Tokenizer: 'total vocabulary size is 32k tokens'"},
+    "Llama 3": {"ids": 128_000 + 256, "made of": "128K BPE tokens (tiktoken) + 256 reserved special tokens",
+                "source": "Llama 3 paper (128K tokens); meta-llama/llama3 llama/tokenizer.py "
+                          "(num_reserved_special_tokens = 256)"},
+    "Gemma (1 and 2)": {"ids": 256_000, "made of": "SentencePiece (gemma/tokenizer.py)",
+                        "source": "google/gemma_pytorch gemma/config.py (vocab_size: int = 256000)"},
+    "Qwen2.5": {"ids": 151_643 + 22, "made of": "151,643 byte-level BPE tokens + 22 control tokens",
+                "source": "Qwen2.5 technical report: 151,643 regular tokens, control tokens from 3 to 22"},
+    "SmolLM2": {"ids": 49_152, "made of": "the cosmo2 tokenizer (HuggingFaceTB/cosmo2-tokenizer)",
+                "source": "huggingface/smollm text/pretraining/smollm2/config_smollm2_135M.yaml "
+                          "(vocab_size: 49152)"},
+}

@@ -285,3 +285,48 @@ def test_from_tokenizers_rejects_other_kinds_of_tokenizer():
     no_bytes.train_from_iterator(["a b c"], trainers.BpeTrainer(vocab_size=300, show_progress=False))
     with pytest.raises(ValueError, match="lacks"):
         BPE.from_tokenizers(no_bytes)
+
+
+def test_train_subword_three_families_on_the_course_corpus(tok):
+    docs = data.corpus_split("train", 100)
+    wp = tokenization.train_subword(docs, 300, "wordpiece")
+    uni = tokenization.train_subword(docs, 300, "unigram")
+    text = "Mia has a red ball. Zoe reads a book."
+    # "bpe" is the course recipe (the fixture) without its special tokens: the same merges, the same pieces
+    bpe = tokenization.train_subword(data.pretraining_corpus(2000, seed=0), 512 - 6, "bpe")
+    assert bpe.encode(text).tokens == tok.backend_tokenizer.encode(text).tokens
+    assert bpe.decode(bpe.encode(text).ids) == text
+    # WordPiece drops the spaces and marks pieces inside a word with ##
+    pieces = wp.encode(" unhappily").tokens
+    assert len(pieces) > 1 and pieces[0] == "u" and all(p.startswith("##") for p in pieces[1:])
+    assert all(" " not in p for p in wp.encode(text).tokens)
+    # Unigram keeps a space as the start of the next piece
+    assert uni.encode(" ball").tokens[0].startswith("\u2581")
+    assert uni.decode(uni.encode(text).ids) == text
+    # only byte-level BPE has no unknown characters
+    emoji = "a \U0001F642"
+    assert wp.token_to_id("[UNK]") in wp.encode(emoji).ids
+    assert uni.token_to_id("<unk>") in uni.encode(emoji).ids
+    assert bpe.decode(bpe.encode(emoji).ids) == emoji
+
+
+def test_train_subword_bad_inputs():
+    with pytest.raises(ValueError):
+        tokenization.train_subword(["a b"], 300, "sentencepiece")
+    with pytest.raises(TypeError):
+        tokenization.train_subword(["a b"], 300, 1)
+    with pytest.raises(TypeError):
+        tokenization.train_subword(["a b"], 300.0, "bpe")
+    with pytest.raises(ValueError):
+        tokenization.train_subword(["a b"], 100, "bpe")
+    with pytest.raises(TypeError):
+        tokenization.train_subword("a b", 300, "bpe")
+    with pytest.raises(ValueError):
+        tokenization.train_subword([], 300, "bpe")
+
+
+def test_vocab_sizes_add_up():
+    sizes = {name: row["ids"] for name, row in tokenization.VOCAB_SIZES.items()}
+    assert sizes["GPT-2"] == 50_257 and sizes["Llama 2"] == 32_000 and sizes["Llama 3"] == 128_256
+    assert sizes["Gemma (1 and 2)"] == 256_000 and sizes["Qwen2.5"] == 151_665 and sizes["SmolLM2"] == 49_152
+    assert all(row["source"] and row["made of"] for row in tokenization.VOCAB_SIZES.values())
