@@ -31,17 +31,18 @@ LANDSCAPE = Path(__file__).resolve().parent.parent / "book" / "landscape" / "ope
 
 class Explorer:
     """Controls, a ``compute(**values)`` and a ``render(result) -> html``: recomputed whenever a control moves.
+    ``summary(result) -> str`` is the one-line plain text a notebook stores beside the widget (nbval compares it).
 
     ``result`` holds the last computed value (``None`` after an error), ``message`` the error shown instead.
     ``set(**values)`` moves several controls and recomputes once (what the tests use).
     """
 
     def __init__(self, title: str, controls: dict[str, W.ValueWidget], compute: Callable,
-                 render: Callable[[object], str]):
+                 render: Callable[[object], str], summary: Callable[[object], str] | None = None):
         if not controls or not all(isinstance(c, W.ValueWidget) for c in controls.values()):
             raise TypeError("controls must be a non-empty dict of ipywidgets value widgets")
         self.title, self.controls = title, controls
-        self._compute, self._render = compute, render
+        self._compute, self._render, self._summary = compute, render, summary
         self.result, self.message = None, None
         self.output = W.HTML(layout=W.Layout(width="auto"))
         self._holding = False
@@ -94,12 +95,17 @@ class Explorer:
         self.output.value = view
 
     def _repr_mimebundle_(self, **kwargs):
-        bundle = self.widget._repr_mimebundle_(**kwargs)
-        if isinstance(bundle, tuple):  # (data, metadata)
-            bundle = bundle[0]
-        bundle = dict(bundle or {})
-        bundle["text/plain"] = f"{self.title} ({LIVE_NOTE})"
-        return bundle
+        # the widget view by its model id, as ipywidgets 8 writes it; ipywidgets 7 (what Colab ships and renders)
+        # displays widgets another way, so the bundle is written here for both
+        view = {"version_major": 2, "version_minor": 0, "model_id": self.widget.model_id}
+        return {"text/plain": f"{self.title} ({LIVE_NOTE}): {self.summary()}",
+                "application/vnd.jupyter.widget-view+json": view}
+
+    def summary(self) -> str:
+        """One line of the current result (what a notebook without widget support prints)."""
+        if self.message is not None:
+            return self.message
+        return self._summary(self.result) if self._summary else "computed"
 
     def __repr__(self):
         return f"<Explorer {self.title!r}: {self.values()}>"
@@ -237,7 +243,8 @@ def tokenizer_explorer(text: str = "Zara flies her purple drone to the library."
     controls = {"text": W.Textarea(value=text, description="text", continuous_update=False,
                                    layout=W.Layout(width="98%", height="60px"))}
     return Explorer("Tokenizer explorer", controls, lambda text: tokenize_all(tokenizers, text),
-                    lambda r: _render_tokens(r) + note)
+                    lambda r: _render_tokens(r) + note,
+                    lambda r: "; ".join(f"{name}: {v['n_tokens']} tokens" for name, v in r.items()))
 
 
 # -------------------------------------------------------- Inference: sampling --
@@ -310,7 +317,9 @@ def _render_sampling(r: dict) -> str:
                             "temperature, top-k and top-p")
     samples = "".join(f"<li><code>{html.escape(r['prompt'])}</code><b>{html.escape(s)}</b></li>"
                       for s in r["samples"])
-    table = _table([("tokens kept", f"{r['kept']:,} of {r['vocab']:,}"),
+    token, before, after = r["top"][0]
+    table = _table([("most likely next token", f"{token!r}: {before:.3f} -> {after:.3f}"),
+                    ("tokens kept", f"{r['kept']:,} of {r['vocab']:,}"),
                     ("their probability before renormalising", f"{r['kept_mass_before']:.3f}"),
                     ("distinct samples", f"{r['distinct_samples']} of {len(r['samples'])}")])
     return f"{table}{img}<ul style='margin:2px'>{samples}</ul>"
@@ -327,7 +336,8 @@ def sampling_explorer(prompt: str = "Mia has a red", temperature: float = 1.0, t
         "top_k": _int_slider(top_k, 0, 100, "top-k (0: off)"),
         "top_p": _float_slider(top_p, 0.05, 1.0, 0.05, "top-p (1: off)"),
     }
-    return Explorer("Sampling explorer", controls, sampling, _render_sampling)
+    return Explorer("Sampling explorer", controls, sampling, _render_sampling,
+                    lambda r: f"{r['kept']:,} of {r['vocab']:,} tokens kept; most likely {r['top'][0][0]!r}")
 
 
 # -------------------------------------------------------- Memory and compute --
@@ -438,7 +448,7 @@ def memory_planner(model: str = "Llama 2 7B", precision: str = "bf16 / fp16", me
                                     style={"description_width": "90px"}),
         "gpu": _dropdown(list(memory.GPUS), gpu, "GPU"),
     }
-    return Explorer("Memory planner", controls, plan_memory, _render_memory)
+    return Explorer("Memory planner", controls, plan_memory, _render_memory, lambda r: r["reason"])
 
 
 # -------------------------------------------------------- Quantization --
@@ -446,7 +456,7 @@ def memory_planner(model: str = "Llama 2 7B", precision: str = "bf16 / fp16", me
 @functools.lru_cache(maxsize=1)
 def _weight_matrix():
     model, _ = _course_model()
-    name = "model.layers.0.mlp.down_proj.weight"
+    name = "model.layers.0.mlp.up_proj.weight"  # the matrix the quantization chapter starts with
     return name, model.state_dict()[name].detach().clone()
 
 
@@ -498,17 +508,15 @@ def quantization_explorer(bits: int = 4, granularity: str = "block 64", outlier:
         "granularity": _dropdown(list(GRANULARITIES), granularity, "scale per"),
         "outlier": _float_slider(outlier, 0.0, 50.0, 1.0, "outlier (x max)"),
     }
-    return Explorer("Quantization explorer", controls, quantize_weight, _render_quant)
+    return Explorer("Quantization explorer", controls, quantize_weight, _render_quant,
+                    lambda r: f"{r['bits']}-bit per {r['granularity']}: SNR {r['snr_db']:.1f} dB")
 
 
 # -------------------------------------------------------- RoPE and attention --
 
-SCALINGS = {
-    "none": None,
-    "linear x4": {"rope_type": "linear", "factor": 4.0},
-    "llama3 x8": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 8192},
-}
+LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192}  # Llama 3.1's config.json
+SCALINGS = {"none": None, "linear x8": {"rope_type": "linear", "factor": 8.0}, "llama3 x8": LLAMA31_ROPE}
 ATTENTION_PROMPT = "Mia has a red ball. She gives the ball to Tom, and Tom says thank you."
 
 
@@ -523,69 +531,82 @@ def _attentions():
     ids = tokenizer(ATTENTION_PROMPT, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         att = model(ids, output_attentions=True).attentions
-    return [a[0] for a in att], tokenizer.convert_ids_to_tokens(ids[0]), model.config
+    return [a[0] for a in att], tokenizer.convert_ids_to_tokens(ids[0])
 
 
-def rope_and_attention(position: int, pair: int, scaling: str, layer: int, head: int) -> dict:
-    """RoPE's rotation of dimension pair ``pair`` at ``position`` for a scaling type (``transformer.rope_inv_freq``
-    with the course model's head size and base), and the course model's attention weights of one layer and
-    head on a short story."""
+def rope_and_attention(position: int, pair: int, scaling: str, layer: int, head: int, head_dim: int = 128,
+                       theta: float = 500000.0) -> dict:
+    """RoPE's rotation speeds for a scaling type (``transformer.rope_inv_freq``; default head size and base:
+    Llama 3.1's): the chosen pair's speed, wavelength and angle at ``position``, how many pairs the scaling keeps,
+    divides by its factor or blends; and the course model's attention weights of one layer and head."""
+    import torch
+
     from llmlab import transformer
 
     if scaling not in SCALINGS:
         raise ValueError(f"scaling must be one of {list(SCALINGS)}, got {scaling!r}")
-    att, tokens, config = _attentions()
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    theta = getattr(config, "rope_theta", None) or (config.rope_parameters or {}).get("rope_theta", 10000.0)
     if not 0 <= pair < head_dim // 2:
         raise ValueError(f"pair must be in [0, {head_dim // 2 - 1}] (head_dim {head_dim} has {head_dim // 2} pairs)")
+    att, tokens = _attentions()
     if not 0 <= layer < len(att) or not 0 <= head < att[0].shape[0]:
         raise ValueError(f"layer must be in [0, {len(att) - 1}] and head in [0, {att[0].shape[0] - 1}]")
     inv = {name: transformer.rope_inv_freq(head_dim, theta, s) for name, s in SCALINGS.items()}
-    f = inv[scaling][pair].item()
+    plain, scaled = inv["none"], inv[scaling]
+    factor = (SCALINGS[scaling] or {}).get("factor", 1.0)
+    kept = torch.isclose(scaled, plain, rtol=1e-6)
+    divided = torch.isclose(scaled, plain / factor, rtol=1e-6) & ~kept
+    f = scaled[pair].item()
     return {"position": position, "pair": pair, "scaling": scaling, "inv_freq": f,
             "wavelength": 2 * math.pi / f, "angle_deg": math.degrees(position * f) % 360,
-            "inv_all": {k: v.tolist() for k, v in inv.items()}, "head_dim": head_dim, "theta": theta,
-            "layer": layer, "head": head, "weights": att[layer][head], "tokens": tokens}
+            "kept": int(kept.sum()), "divided": int(divided.sum()), "blended": int((~kept & ~divided).sum()),
+            "factor": factor, "inv_all": {k: v.tolist() for k, v in inv.items()}, "head_dim": head_dim,
+            "theta": theta, "layer": layer, "head": head, "weights": att[layer][head], "tokens": tokens}
+
+
+def _rope_counts(r: dict) -> str:
+    return f"{r['kept']} kept, {r['divided']} divided by {r['factor']:g}, {r['blended']} blended"
 
 
 def _render_rope(r: dict) -> str:
-    fig, (ax1, ax2) = _figure(7.6, 3.2, ncols=2)
+    fig, (ax1, ax2) = _figure(7.6, 3.4, ncols=2)
     for name, inv in r["inv_all"].items():
         wl = [2 * math.pi / f for f in inv]
-        ax1.semilogy(range(len(wl)), wl, label=name, lw=2 if name == r["scaling"] else 1)
+        ax1.semilogy(range(len(wl)), wl, label=name, lw=2.5 if name == r["scaling"] else 1)
     ax1.axvline(r["pair"], color="k", ls=":", lw=1)
     ax1.set_xlabel("dimension pair")
     ax1.set_ylabel("wavelength (positions)")
     ax1.legend(fontsize=7)
-    ax1.set_title("RoPE wavelengths", fontsize=9)
-    labels = [t.replace("Ġ", "·") for t in r["tokens"]]
+    ax1.set_title(f"RoPE, head_dim {r['head_dim']}, base {r['theta']:,.0f}", fontsize=9)
+    labels = [t.replace("\u0120", "\u00b7") for t in r["tokens"]]
     ax2.imshow(r["weights"].numpy(), cmap="Blues", vmin=0)
     ax2.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
     ax2.set_yticks(range(len(labels)), labels, fontsize=6)
-    ax2.set_title(f"attention, layer {r['layer']} head {r['head']}", fontsize=9)
+    ax2.set_title(f"course model: layer {r['layer']}, head {r['head']}", fontsize=9)
     img = _figure_html(fig, "Left: RoPE wavelength per dimension pair for each scaling type. Right: the "
                             "course model's attention weights for one layer and head, query rows and key columns")
-    table = _table([("rotation speed", f"{r['inv_freq']:.4g} rad per position"),
+    table = _table([("pairs", _rope_counts(r)),
+                    (f"pair {r['pair']}: rotation speed", f"{r['inv_freq']:.4g} rad per position"),
                     ("wavelength", f"{r['wavelength']:,.1f} positions"),
                     (f"angle at position {r['position']:,}", f"{r['angle_deg']:.1f} degrees")])
     return table + img
 
 
-def rope_explorer(position: int = 100, pair: int = 8, scaling: str = "none", layer: int = 0,
-                  head: int = 0) -> Explorer:
-    """Position, frequency (dimension pair) and scaling type of RoPE, and an attention heatmap for a chosen
-    layer and head of the course model. Chapter: Attention and the block."""
-    _, _, config = _attentions()
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+def rope_explorer(position: int = 100, pair: int = 40, scaling: str = "llama3 x8", layer: int = 0,
+                  head: int = 0, head_dim: int = 128, theta: float = 500000.0) -> Explorer:
+    """Position, frequency (dimension pair) and scaling type of RoPE (head size and base: Llama 3.1's by
+    default), and an attention heatmap for a chosen layer and head of the course model on a short story.
+    Chapter: Attention and the block."""
+    att, _ = _attentions()
     controls = {
-        "position": _int_slider(position, 0, 32768, "position"),
+        "position": _int_slider(position, 0, 131072, "position"),
         "pair": _int_slider(pair, 0, head_dim // 2 - 1, "pair i"),
         "scaling": _dropdown(list(SCALINGS), scaling, "scaling"),
-        "layer": _int_slider(layer, 0, config.num_hidden_layers - 1, "layer"),
-        "head": _int_slider(head, 0, config.num_attention_heads - 1, "head"),
+        "layer": _int_slider(layer, 0, len(att) - 1, "layer"),
+        "head": _int_slider(head, 0, att[0].shape[0] - 1, "head"),
     }
-    return Explorer("RoPE and attention explorer", controls, rope_and_attention, _render_rope)
+    return Explorer("RoPE and attention explorer", controls,
+                    lambda **v: rope_and_attention(**v, head_dim=head_dim, theta=theta), _render_rope,
+                    lambda r: f"{r['scaling']}: " + _rope_counts(r))
 
 
 # -------------------------------------------------------- Fine-tuning: LoRA --
@@ -633,7 +654,8 @@ def lora_explorer(model: str = "Llama 2 7B", rank: int = 16, alpha: float = 32.0
         "targets": W.SelectMultiple(options=list(lora.LLAMA_PROJECTIONS), value=tuple(targets),
                                     description="targets", rows=7, style={"description_width": "90px"}),
     }
-    return Explorer("LoRA explorer", controls, lora_plan, _render_lora)
+    return Explorer("LoRA explorer", controls, lora_plan, _render_lora,
+                    lambda r: f"{r['trainable']:,} trainable parameters ({r['share']:.3%})")
 
 
 # -------------------------------------------------------- Inference: the roofline --
@@ -732,4 +754,6 @@ def roofline_explorer(gpu: str = "T4", model: str = "Llama 2 7B", precision: str
                                     style={"description_width": "90px"}),
     }
     return Explorer("Roofline explorer", controls,
-                    lambda **v: roofline_point(**v, hardware=hardware, measured=measured), _render_roofline)
+                    lambda **v: roofline_point(**v, hardware=hardware, measured=measured), _render_roofline,
+                    lambda r: f"{r['tokens_per_s']:,.0f} tokens/s, {r['bound']}-bound; ridge point "
+                              f"{r['ridge_point']:,.0f} FLOP/byte")
