@@ -2,7 +2,8 @@
 
 Chapter: Scaling out. Read top to bottom: the memory calculator (the ZeRO paper's model-state accounting,
 Rajbhandari et al. 2020), the communication a ring all-reduce costs (simulated, then over real processes),
-the Megatron split of the MLP (Shoeybi et al. 2019), pipeline schedules and their bubble (GPipe, Huang et al.
+the Megatron split of the MLP (Shoeybi et al. 2019), expert parallelism's all-to-all (simulated, then over
+real processes), pipeline schedules and their bubble (GPipe, Huang et al.
 2019; 1F1B, Narayanan et al. 2021), and last a data-parallel training run on CPU processes (gloo) that
 ``torchrun --nproc_per_node 2 -m llmlab.distributed train --out DIR`` starts, checked against one process.
 """
@@ -193,6 +194,157 @@ def tensor_parallel_traffic(batch, seq_len, hidden, t, bytes_per_value=2) -> flo
     return 4 * all_reduce_traffic(batch * seq_len * hidden * bytes_per_value, t)
 
 
+# ------------------------------------------------------------------ expert parallelism: all-to-all --
+
+def _expert_owner(n_experts, world):
+    _int(world, "world")
+    if n_experts % world:
+        raise ValueError(f"world ({world}) must divide the number of experts ({n_experts})")
+    return n_experts // world  # rank r holds experts r * per : (r + 1) * per
+
+
+def _check_moe(layer):
+    from llmlab.moe import MoELayer
+
+    if not isinstance(layer, MoELayer):
+        raise TypeError(f"layer must be a llmlab.moe.MoELayer, got {type(layer).__name__}")
+    if layer.capacity_factor is not None:
+        raise ValueError("expert parallelism here is dropless: use a layer with capacity_factor=None")
+
+
+def _route(layer, x):
+    """Route one rank's tokens: ``(flat, weights, token, slot, expert, rank_counts)`` with the assignments
+    sorted by expert (so by destination rank too, experts being split contiguously)."""
+    from llmlab.moe import sort_by_expert
+
+    hidden = layer.gate.weight.shape[1]
+    if not isinstance(x, torch.Tensor) or x.shape[-1] != hidden:
+        raise ValueError(f"x must be a tensor of shape (..., {hidden})")
+    flat = x.reshape(-1, hidden)
+    _, weights, indices = layer.gate(flat)
+    order, counts = sort_by_expert(indices, layer.gate.n_experts)
+    n = len(flat)
+    token, slot = order % n, order // n
+    return flat, weights, token, slot, indices.T.reshape(-1)[order], counts
+
+
+def _run_local(layer, rows, experts):
+    """The owning rank's work: each received row through its expert (rows grouped by expert id)."""
+    out = torch.empty_like(rows)
+    for e in experts.unique().tolist():
+        mask = experts == e
+        out[mask] = layer.experts[e](rows[mask]).to(rows.dtype)
+    return out
+
+
+def simulate_expert_parallel(layer, xs: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[list[int]]]:
+    """Expert parallelism in one process: ``len(xs)`` simulated ranks, rank ``r`` holding experts
+    ``r*E/G .. (r+1)*E/G - 1`` of the MoE ``layer`` and the tokens ``xs[r]``.
+
+    Each rank routes its tokens, *dispatches* every assignment to the rank holding its expert (an
+    all-to-all), the owners run their experts, and a second all-to-all *combines*: the outputs go back to
+    the token's rank, which sums them with the router's weights. Returns each rank's output (equal to
+    ``layer(xs[r])``) and ``sent[r][d]``, the activation bytes rank ``r`` sent to rank ``d`` in the dispatch
+    (the combine sends the same bytes back; ``r == d`` stays local and costs nothing).
+    Chapter: Scaling out."""
+    _check_moe(layer)
+    if not isinstance(xs, (list, tuple)) or not xs:
+        raise TypeError("xs must be a non-empty list of tensors, one per rank")
+    world = len(xs)
+    per = _expert_owner(layer.gate.n_experts, world)
+    routed = [_route(layer, x) for x in xs]
+    sent = [[0] * world for _ in range(world)]
+    # dispatch: rank d receives, from every source r, the rows whose expert it owns
+    inbox = {d: [] for d in range(world)}
+    for r, (flat, _, token, _, expert, _) in enumerate(routed):
+        dest = expert // per
+        for d in range(world):
+            rows = flat[token[dest == d]]
+            inbox[d].append((rows, expert[dest == d]))
+            if d != r:
+                sent[r][d] += rows.numel() * rows.element_size()
+    results = {d: [_run_local(layer, rows, ex) for rows, ex in inbox[d]] for d in range(world)}
+    outputs = []
+    for r, (flat, weights, token, slot, expert, _) in enumerate(routed):  # combine
+        y = torch.cat([results[d][r] for d in range(world)])  # in dispatch order: sorted by expert
+        out = torch.zeros_like(flat).index_add_(0, token, (y * weights[token, slot, None]).to(flat.dtype))
+        outputs.append(out.reshape(xs[r].shape))
+    return outputs, sent
+
+
+def expert_parallel_forward(layer, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The same over real processes: every rank of the default process group calls it with its own tokens;
+    rank ``r`` computes only with its experts ``r*E/G .. (r+1)*E/G - 1`` (the other experts of ``layer`` are
+    not touched). Two ``all_to_all_single`` calls (gloo and NCCL both have it) move the rows: dispatch, then
+    combine, preceded by one small all-to-all of the row counts. Returns ``(output, bytes)``: this rank's
+    output (equal to ``layer(x)``) and the activation bytes it sent to other ranks, dispatch plus combine.
+    Chapter: Scaling out."""
+    import torch.distributed as dist
+
+    _check_moe(layer)
+    if not dist.is_initialized():
+        raise ValueError("expert_parallel_forward needs an initialized process group (run it under torchrun)")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    per = _expert_owner(layer.gate.n_experts, world)
+    flat, weights, token, slot, expert, counts = _route(layer, x)
+    send_counts = counts.view(world, per).sum(1)  # rows for each destination rank, in rank order
+    recv_counts = torch.empty_like(send_counts)
+    dist.all_to_all_single(recv_counts, send_counts)
+    send, recv = send_counts.tolist(), recv_counts.tolist()
+    rows = flat[token].contiguous()
+    got = rows.new_empty(sum(recv), rows.shape[1])
+    dist.all_to_all_single(got, rows, recv, send)  # dispatch
+    got_expert = expert.new_empty(sum(recv))
+    dist.all_to_all_single(got_expert, expert.contiguous(), recv, send)  # which expert, per row
+    y_local = _run_local(layer, got, got_expert)
+    y = rows.new_empty(rows.shape)
+    dist.all_to_all_single(y, y_local, send, recv)  # combine: back in dispatch order
+    out = torch.zeros_like(flat).index_add_(0, token, (y * weights[token, slot, None]).to(flat.dtype))
+    row_bytes = flat.shape[1] * flat.element_size()
+    moved = (sum(send) - send[rank] + sum(recv) - recv[rank]) * row_bytes
+    return out.reshape(x.shape), moved
+
+
+def expert_parallel_traffic(hidden, k, world, bytes_per_value=2) -> float:
+    """Bytes one token costs its rank per MoE layer in a forward pass under expert parallelism with the
+    experts spread evenly over ``world`` ranks and routing spread evenly over the experts: the token's
+    hidden vector goes to each of its ``k`` experts, a share ``(G-1)/G`` of them on other ranks, and their
+    outputs come back: ``2 k (G-1)/G * hidden * bytes``. The backward pass sends as much again.
+    Chapter: Scaling out."""
+    _int(hidden, "hidden")
+    _int(k, "k")
+    _int(world, "world")
+    _number(bytes_per_value, "bytes_per_value")
+    return 2 * k * (world - 1) / world * hidden * bytes_per_value
+
+
+def _expert_parallel_check(seed=0) -> dict:
+    """Run under a process group: a small MoE layer (the same weights on every rank), each rank's own
+    tokens through ``expert_parallel_forward`` and through the whole layer in this one process. Returns the
+    largest difference over all ranks and the bytes each rank sent."""
+    import torch.distributed as dist
+
+    from llmlab.moe import MoELayer
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    with torch.random.fork_rng():  # leaves the training run's random state alone
+        torch.manual_seed(seed)
+        layer = MoELayer(hidden=32, intermediate=48, n_experts=2 * world, k=2)
+        with torch.no_grad():
+            layer.gate.weight.normal_(0, 0.5)
+        x = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(100 + rank))
+    with torch.no_grad():
+        ours, moved = expert_parallel_forward(layer, x)
+        diff = torch.tensor([(ours - layer(x)).abs().max().item()])
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    every = [torch.zeros(1) for _ in range(world)]
+    dist.all_gather(every, torch.tensor([float(moved)]))
+    return {"expert_parallel_max_abs_diff": diff.item(),
+            "expert_parallel_bytes_per_rank": [int(v.item()) for v in every],
+            "expert_parallel_tokens_per_rank": x.shape[0] * x.shape[1],
+            "expert_parallel_hidden": 32, "expert_parallel_k": 2}
+
+
 # ------------------------------------------------------------------ pipeline parallelism: schedules --
 
 def bubble_fraction(p, m) -> float:
@@ -342,6 +494,7 @@ def train(out, steps=4, global_batch=8, seq_len=64, lr=2e-3, dtype="float32", mo
         dist.all_reduce(ref_i)
         result["ring_allreduce_max_abs_diff"] = (ring - ref).abs().max().item()
         result["ring_allreduce_integers_equal"] = bool(torch.equal(ring_i, ref_i))
+        result.update(_expert_parallel_check())
         if mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 

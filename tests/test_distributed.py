@@ -133,6 +133,49 @@ def test_pipeline_schedules(kind):
             assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
 
 
+# ---------------------------------------------------------------- expert parallelism --
+
+@pytest.mark.parametrize("world, k", [(1, 2), (2, 1), (2, 2), (4, 3)])
+def test_simulated_expert_parallel_equals_the_layer(world, k):
+    from llmlab import moe
+
+    torch.manual_seed(world)
+    layer = moe.MoELayer(16, 24, 8, k)
+    xs = [torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(r)) for r in range(world)]
+    with torch.no_grad():
+        outs, sent = D.simulate_expert_parallel(layer, xs)
+        for o, x in zip(outs, xs):
+            torch.testing.assert_close(o, layer(x), rtol=0, atol=1e-6)
+    per = 8 // world
+    for r, x in enumerate(xs):  # bytes to rank d = rows whose expert d owns, times a row's bytes
+        chosen = layer.gate(x)[2].flatten()
+        for d in range(world):
+            rows = 0 if d == r else int(((chosen // per) == d).sum())
+            assert sent[r][d] == rows * 16 * 4
+
+
+def test_expert_parallel_traffic_and_bad_input():
+    assert D.expert_parallel_traffic(4096, 2, 8) == D.tensor_parallel_traffic(1, 1, 4096, 8) / 2
+    assert D.expert_parallel_traffic(10, 1, 1) == 0
+    from llmlab import moe
+
+    layer = moe.MoELayer(8, 8, 4, 2)
+    with pytest.raises(ValueError):
+        D.simulate_expert_parallel(layer, [torch.ones(3, 8)] * 3)  # 3 does not divide 4 experts
+    with pytest.raises(TypeError):
+        D.simulate_expert_parallel(torch.nn.Linear(8, 8), [torch.ones(3, 8)])
+    with pytest.raises(TypeError):
+        D.simulate_expert_parallel(layer, torch.ones(3, 8))
+    with pytest.raises(ValueError):
+        D.simulate_expert_parallel(layer, [torch.ones(3, 7)])
+    with pytest.raises(ValueError):
+        D.simulate_expert_parallel(moe.MoELayer(8, 8, 4, 2, capacity_factor=1.0), [torch.ones(3, 8)])
+    with pytest.raises(ValueError):
+        D.expert_parallel_forward(layer, torch.ones(3, 8))  # no process group
+    with pytest.raises(TypeError):
+        D.expert_parallel_traffic(4096.0, 2, 8)
+
+
 # ---------------------------------------------------------------- a real 2-process run (gloo) --
 
 def test_two_process_data_parallel_equals_one_process(tmp_path):
@@ -147,3 +190,6 @@ def test_two_process_data_parallel_equals_one_process(tmp_path):
     assert r["world_size"] == 2 and r["mode"] == "ddp" and len(r["losses"]) == 3
     assert r["param_bytes_per_rank"] == [r["full_param_bytes"]] * 2  # DDP replicates the whole model
     assert r["ring_allreduce_integers_equal"] and r["ring_allreduce_max_abs_diff"] < 1e-5
+    # expert parallelism's all-to-all over gloo equals the whole MoE layer in one process
+    assert r["expert_parallel_max_abs_diff"] < 1e-6
+    assert len(r["expert_parallel_bytes_per_rank"]) == 2 and min(r["expert_parallel_bytes_per_rank"]) > 0

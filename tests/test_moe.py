@@ -277,12 +277,15 @@ def test_update_expert_bias_balances_a_skewed_router():
     with torch.no_grad():
         router.weight.normal_(0, 0.1)
         router.weight[0] += 0.05  # every token leans towards expert 0
-    x = _randn(512, H, seed=7) + 1.0
-    share = lambda: torch.bincount(router(x)[2].flatten(), minlength=4).float() / len(x)
-    before = share().max().item()
-    for _ in range(200):
-        moe.update_expert_bias(router, torch.bincount(router(x)[2].flatten(), minlength=4), 0.002)
-    assert before > 0.8 and share().max().item() < 0.27
+    x = _randn(256, H, seed=7) + 1.0
+    with torch.no_grad():
+        def share():
+            return torch.bincount(router(x)[2].flatten(), minlength=4).float() / len(x)
+
+        before = share().max().item()
+        for _ in range(100):
+            moe.update_expert_bias(router, torch.bincount(router(x)[2].flatten(), minlength=4), 0.004)
+        assert before > 0.8 and share().max().item() < 0.28
 
 
 @pytest.mark.parametrize("k", [1, 2, 4])
