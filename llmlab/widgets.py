@@ -413,7 +413,7 @@ def plan_memory(model: str, precision: str, method: str, batch: int, context: in
 
 
 def _render_memory(r: dict) -> str:
-    fig, ax = _figure(7.0, 1.9)
+    fig, ax = _figure(7.0, 1.4)
     left = 0.0
     colors = ["#3a6ea5", "#e3a33b", "#6aa84f", "#b55d8a"]
     for (name, gb), color in zip(r["parts"].items(), colors):
