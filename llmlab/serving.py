@@ -556,8 +556,10 @@ def step_costs(engine, batch_sizes=(1, 2, 4, 8), context: int = 32, prompt_token
                repeats: int = 5) -> dict:
     """What ``simulate`` needs, measured in process on a real engine: ``step_s[b]``, the seconds of one decode
     step that advances ``b`` sequences by one token each after ``context`` tokens, and ``prefill_s``, the
-    seconds to prefill one ``prompt_tokens``-token prompt. Each is the fastest of ``repeats`` runs (the work is
-    fixed; a loaded machine only adds time).
+    seconds to prefill one ``prompt_tokens``-token prompt. Each is the least of ``repeats`` runs (the work is
+    fixed; a loaded machine only adds time). Time is the CPU time of the calling thread
+    (``time.thread_time``), where both engines compute when they run on one thread: on an idle machine it is the
+    wall time, and on a busy one it leaves out the time other processes held the core.
 
     ``engine`` is a transformers causal LM (a batch of ``b`` rows, one new token each, on a KV cache) or a
     ``llama_cpp.Llama`` (llama.cpp batches by putting the tokens of all sequences in one ``llama_decode``;
@@ -571,6 +573,7 @@ def step_costs(engine, batch_sizes=(1, 2, 4, 8), context: int = 32, prompt_token
     _positive_int(context, "context")
     _positive_int(prompt_tokens, "prompt_tokens")
     _positive_int(repeats, "repeats")
+    clock = time.thread_time
     ids = [(7 * k + 3) % 500 + 10 for k in range(context + max(sizes) + prompt_tokens)]  # any in-vocab ids
     llama_cpp = importlib.util.find_spec("llama_cpp") and __import__("llama_cpp")
     if llama_cpp and isinstance(engine, llama_cpp.Llama):
@@ -583,17 +586,17 @@ def step_costs(engine, batch_sizes=(1, 2, 4, 8), context: int = 32, prompt_token
         for k in range(repeats + 1):  # interleaved: a burst of load hits every size alike
             for b in sizes:
                 engine.n_tokens = context  # eval first drops the cache past n_tokens
-                t0 = time.perf_counter()
+                t0 = clock()
                 engine.eval(ids[context:context + b])
                 if k:  # the first round warms up
-                    step[b] = min(step[b], time.perf_counter() - t0)
+                    step[b] = min(step[b], clock() - t0)
         best = math.inf
         for k in range(repeats + 1):
             engine.reset()
-            t0 = time.perf_counter()
+            t0 = clock()
             engine.eval(ids[:prompt_tokens])
             if k:
-                best = min(best, time.perf_counter() - t0)
+                best = min(best, clock() - t0)
         return {"step_s": step, "prefill_s": best}
     import torch
 
@@ -608,25 +611,25 @@ def step_costs(engine, batch_sizes=(1, 2, 4, 8), context: int = 32, prompt_token
         for k in range(repeats + 1):  # interleaved, the first round warms up
             for b in sizes:
                 new = torch.tensor([[ids[context]]] * b, device=device)
-                t0 = time.perf_counter()
+                t0 = clock()
                 engine(new, past_key_values=caches[b], use_cache=True)
                 if k:
-                    step[b] = min(step[b], time.perf_counter() - t0)
+                    step[b] = min(step[b], clock() - t0)
                 caches[b].crop(-1)  # drop the new token: every round sees the same context
         prompt = torch.tensor([ids[:prompt_tokens]], device=device)
         best = math.inf
         for k in range(repeats + 1):
-            t0 = time.perf_counter()
+            t0 = clock()
             engine(prompt, use_cache=True)
             if k:
-                best = min(best, time.perf_counter() - t0)
+                best = min(best, clock() - t0)
     return {"step_s": step, "prefill_s": best}
 
 
-def record_step_costs(path, repeats: int = 200, batch_sizes=(1, 2, 4, 8)) -> dict:
+def record_step_costs(path, repeats: int = 100, batch_sizes=(1, 2, 4, 8)) -> dict:
     """Measure ``step_costs`` of the course model in transformers (float32, one thread) and in llama.cpp (its
-    f32 GGUF, one thread, f32 KV cache), with many ``repeats`` so that the fastest run is a clean one even on a
-    loaded machine, and write them to ``path`` as JSON with their provenance (CPU, load, versions, date). The
+    f32 GGUF, one thread, f32 KV cache), the least thread CPU time of ``repeats`` runs each, and write them
+    to ``path`` as JSON with their provenance (CPU, load, versions, date). The
     Serving chapter's simulations read this file and re-measure a slice live. Made with
     ``python -c "from llmlab import serving; serving.record_step_costs('book/inference/serving_step_costs.json')"``.
     Chapter: Serving."""
