@@ -216,22 +216,22 @@ FP8_E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max: the largest NVFP4 
 
 def _finite(x, name="x"):
     _tensor(x, name)
-    if not torch.isfinite(x).all():
+    if not torch.isfinite(x.abs().amax()):  # the max is nan or inf if any element is
         raise ValueError(f"{name} must be finite")
     return x
 
 
 def e2m1_round(x: torch.Tensor) -> torch.Tensor:
     """Round each value to the nearest FP4 (E2M1) value, ties to the even mantissa as IEEE rounding does,
-    saturating at +-6 (float32 out). The element rounding of MXFP4 and NVFP4."""
+    saturating at +-6 (float32 out). The element rounding of MXFP4 and NVFP4.
+
+    The grid's step is 0.5 below 2, 1 from 2 to 4 and 2 from 4 to 6, so rounding ``|x| / step`` to an integer
+    (``torch.round``: half to even) and multiplying back is rounding to the grid; an even multiple of the step
+    is a level whose mantissa bit is 0, so ties go where IEEE's round-half-to-even sends them."""
     _finite(x)
-    levels = torch.tensor(FP4_E2M1_LEVELS)
-    midpoints = (levels[:-1] + levels[1:]) / 2
-    a = x.float().abs().clamp(max=levels[-1].item())
-    i = torch.bucketize(a, midpoints)  # the level below or at a tie, the one above past it
-    tie = a == midpoints[i.clamp(max=len(midpoints) - 1)]
-    i = torch.where(tie & (i % 2 == 1), i + 1, i)  # odd indices (0.5, 1.5, 3, 6) have mantissa 1
-    return torch.sign(x.float()) * levels[i]
+    a = x.float().abs().clamp(max=FP4_E2M1_LEVELS[-1])
+    step = torch.where(a < 2, 0.5, torch.where(a < 4, 1.0, 2.0))
+    return torch.sign(x.float()) * torch.round(a / step) * step
 
 
 def mxfp4_quantize(x: torch.Tensor, blocksize: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,8 +306,10 @@ def smoothquant_scales(x: torch.Tensor, w: torch.Tensor, alpha: float = 0.5) -> 
 
     ``x``: calibration inputs of the linear layer, shape ``(..., in_features)``; ``w``: its weight, shape
     ``(out_features, in_features)``. Dividing the inputs by ``s`` and multiplying the weight's columns by it
-    leaves ``x @ w.T`` unchanged and moves the activations' outlier channels into the weight (``alpha``, the
-    migration strength: 0 changes nothing, 1 moves all of it). Returns float32 of shape ``(in_features,)``."""
+    leaves ``x @ w.T`` unchanged and moves the activations' outlier channels into the weight. ``alpha``, the
+    migration strength, splits the difficulty: at 1 every input channel's max becomes 1 (all of it in the
+    weight), at 0 every weight column's max does (all of it left in the inputs), at 0.5 each channel's input
+    and weight maxima become equal. Returns float32 of shape ``(in_features,)``."""
     _matrix(w)
     x = _inputs(x, w.shape[1])
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
