@@ -31,6 +31,7 @@ MASTERS := $(sort $(wildcard labs/*.ipynb))
 LAB ?=
 SUBMISSIONS ?=
 TIMEOUT ?= 600
+JOBS ?= 1
 # pytest workers: each notebook runs on one thread in one worker (--dist loadfile keeps a notebook's cells together)
 TEST_JOBS ?= 2
 # nbval with the sanitize file, and the tags for outputs that depend on the CPU (tests/nbval_portable.py)
@@ -125,9 +126,9 @@ format: $(STAMP)
 
 # Grade a folder of submissions without Docker: make grade LAB=00_course_loop SUBMISSIONS=path/to/folder
 grade: $(STAMP)
-	@test -n "$(LAB)" -a -n "$(SUBMISSIONS)" || { echo "usage: make grade LAB=<lab> SUBMISSIONS=<folder> [TIMEOUT=600]"; exit 2; }
+	@test -n "$(LAB)" -a -n "$(SUBMISSIONS)" || { echo "usage: make grade LAB=<lab> SUBMISSIONS=<folder> [TIMEOUT=600] [JOBS=1]"; exit 2; }
 	@test -f dist/autograder/$(LAB)-autograder.zip || $(MAKE) assign
-	$(BIN)/python -m llmlab.grading grade $(LAB) $(SUBMISSIONS) --dist dist --timeout $(TIMEOUT)
+	$(BIN)/python -m llmlab.grading grade $(LAB) $(SUBMISSIONS) --dist dist --timeout $(TIMEOUT) --jobs $(JOBS)
 
 # Re-pin constraints.txt from the current .venv (after a deliberate upgrade).
 lock: $(STAMP)

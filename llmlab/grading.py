@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 STUDENT_DIR = "student"  # labs/student: the published student versions
@@ -345,11 +346,33 @@ def assign(master, dist="dist", publish_to=None) -> dict:
             "published": Path(publish_to) / master.name if publish_to is not None else None}
 
 
-def grade(autograder, submissions, timeout: float = 600, out_csv=None, master=None):
+def _grade_one(sub: Path, autograder: Path, timeout: float) -> dict:
+    """One submission through ``otter run``: its score per test, and a status."""
+    row = {"submission": sub.name}
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            # in its own folder: otter writes its log and scratch files to the working directory
+            res = subprocess.run([sys.executable, "-m", "otter", "run", "--no-logo", "-a", str(autograder.resolve()),
+                                  "-o", tmp, str(sub.resolve())], capture_output=True, text=True, timeout=timeout,
+                                 cwd=tmp)
+            results = Path(tmp) / "results.json"
+            if results.exists():
+                for t in json.loads(results.read_text())["tests"]:
+                    if "score" in t:
+                        row[t["name"]] = t["score"]
+                row["status"] = "graded"
+            else:
+                row["status"] = f"error: {(res.stderr or res.stdout).strip().splitlines()[-1:]}"
+        except subprocess.TimeoutExpired:
+            row["status"] = f"timed out after {timeout:g} s"
+    return row
+
+
+def grade(autograder, submissions, timeout: float = 600, out_csv=None, master=None, jobs: int = 1):
     """Grade every ``.ipynb`` or otter ``.zip`` in ``submissions`` with ``otter run`` (no Docker), each within
-    ``timeout`` seconds. Returns a DataFrame, one row per submission: a score per autograded question, total,
-    status. With ``master`` and ``out_csv``, the written answers of every ``.ipynb`` submission go to
-    ``<out_csv stem>-written.csv`` (submission, question, points, answer, and an empty score to fill in)."""
+    ``timeout`` seconds, ``jobs`` at a time. Returns a DataFrame, one row per submission: a score per autograded
+    question, total, status. With ``master`` and ``out_csv``, the written answers of every ``.ipynb`` submission go
+    to ``<out_csv stem>-written.csv`` (submission, question, points, answer, and an empty score to fill in)."""
     import pandas as pd
 
     autograder, submissions = Path(autograder), Path(submissions)
@@ -359,27 +382,13 @@ def grade(autograder, submissions, timeout: float = 600, out_csv=None, master=No
         raise ValueError(f"submissions must be a folder, got {str(submissions)!r}")
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
         raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive int, got {jobs!r}")
     files = sorted(p for p in submissions.iterdir() if p.suffix in (".ipynb", ".zip"))
     if not files:
         raise ValueError(f"no .ipynb or .zip submissions in {submissions}")
-    rows = []
-    for sub in files:
-        row = {"submission": sub.name}
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                res = subprocess.run([sys.executable, "-m", "otter", "run", "--no-logo", "-a", str(autograder),
-                                      "-o", tmp, str(sub)], capture_output=True, text=True, timeout=timeout)
-                results = Path(tmp) / "results.json"
-                if results.exists():
-                    for t in json.loads(results.read_text())["tests"]:
-                        if "score" in t:
-                            row[t["name"]] = t["score"]
-                    row["status"] = "graded"
-                else:
-                    row["status"] = f"error: {(res.stderr or res.stdout).strip().splitlines()[-1:]}"
-            except subprocess.TimeoutExpired:
-                row["status"] = f"timed out after {timeout:g} s"
-        rows.append(row)
+    with ThreadPoolExecutor(jobs) as pool:  # each job waits on its own otter process
+        rows = list(pool.map(lambda sub: _grade_one(sub, autograder, timeout), files))
     df = pd.DataFrame(rows).set_index("submission")
     scored = [c for c in df.columns if c != "status"]
     df[scored] = df[scored].fillna(0.0)
@@ -410,6 +419,7 @@ def main(argv=None) -> int:
     g.add_argument("submissions")
     g.add_argument("--dist", default="dist")
     g.add_argument("--timeout", type=float, default=600)
+    g.add_argument("--jobs", type=int, default=1, help="submissions graded at the same time")
     g.add_argument("--labs", default="labs", help="where the masters are (for the written questions)")
     args = ap.parse_args(argv)
     if args.cmd == "assign":
@@ -424,7 +434,8 @@ def main(argv=None) -> int:
         return 2
     out_csv = Path(args.dist) / "grades" / f"{args.lab}.csv"
     master = Path(args.labs) / f"{args.lab}.ipynb"
-    df = grade(zip_path, args.submissions, args.timeout, out_csv, master=master if master.exists() else None)
+    df = grade(zip_path, args.submissions, args.timeout, out_csv, master=master if master.exists() else None,
+               jobs=args.jobs)
     print(df.to_string())
     print(f"scores: {out_csv}")
     if master.exists() and any(q["manual"] for q in questions(master)):

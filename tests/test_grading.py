@@ -114,7 +114,7 @@ def test_grading_scores_solutions_blanks_wrong_raising_looping_and_imported_answ
     assert list(df.index) == ["a_solution.ipynb", "b_blank.ipynb", "c_wrong.ipynb", "d_raises.ipynb", "e_loops.ipynb",
                               "f_imports.ipynb"]
     full = sum(q["points"] for q in grading.questions(LAB0))
-    assert full == 5 and df.loc["a_solution.ipynb", "total"] == pytest.approx(full)
+    assert full == 5 and df.loc["a_solution.ipynb", "total"] == pytest.approx(full), df.to_string()
     assert df.loc["b_blank.ipynb", "total"] == 0
     assert 0 < df.loc["c_wrong.ipynb", "total"] < full
     assert df.loc["d_raises.ipynb", "status"] == "graded"
@@ -343,6 +343,8 @@ def test_bad_inputs(tmp_path):
         grading.grade(z, tmp_path / "nope")
     with pytest.raises(ValueError):
         grading.grade(z, tmp_path, timeout=0)
+    with pytest.raises(ValueError, match="jobs"):
+        grading.grade(z, tmp_path, jobs=0)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match="no .ipynb"):
