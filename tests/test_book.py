@@ -135,8 +135,11 @@ def test_pages_link_each_other_and_never_cite_unseen_notes(page):
 
 def test_every_citation_is_in_the_linked_bibliography():
     bib = (ROOT / "book" / "references.bib").read_text()
-    entries = dict(re.findall(r"@\w+\{([^,]+),(.*?)\n\}", bib, flags=re.S))
+    pairs = re.findall(r"@\w+\{([^,]+),(.*?)\n\}", bib, flags=re.S)
+    entries = dict(pairs)
     assert len(entries) >= 40
+    keys = [k for k, _ in pairs]
+    assert len(keys) == len(entries), f"keys entered twice: {sorted({k for k in keys if keys.count(k) > 1})}"
     for key, body in entries.items():  # a link (url or DOI), or for print-only work where it was printed
         linked = re.search(r"\b(url\s*=\s*\{https?://|doi\s*=)", body)
         assert linked or re.search(r"\b(journal|school)\s*=", body), f"{key}: no link"
