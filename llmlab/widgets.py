@@ -660,7 +660,7 @@ def lora_explorer(model: str = "Llama 2 7B", rank: int = 16, alpha: float = 32.0
 
 # -------------------------------------------------------- Inference: the roofline --
 
-BYTES_PER_PARAM = {"bf16 / fp16": 2.0, "int8": 1.0, "4-bit": 0.5}
+BYTES_PER_PARAM = {"fp32": 4.0, "bf16 / fp16": 2.0, "int8": 1.0, "4-bit": 0.5}
 
 
 def _kv_bytes_per_token(config) -> int:
@@ -671,28 +671,36 @@ def _kv_bytes_per_token(config) -> int:
     return memory.kv_cache_bytes(shape.n_layers, shape.n_kv_heads, head_dim, 1, 1, bits=16)
 
 
+def _model_numbers(model: str, models: dict | None) -> tuple[float, float, int | None]:
+    """``(n_params, kv_bytes_per_token, max_context)`` of an extra model or a published config."""
+    if models and model in models:
+        m = models[model]
+        return m["n_params"], m.get("kv_bytes_per_token", 0), m.get("max_context")
+    if model not in published_configs():
+        raise ValueError(f"unknown model {model!r}; known: {sorted({*published_configs(), *(models or {})})}")
+    n_params, config = _params_and_config(model)
+    return n_params, _kv_bytes_per_token(config), getattr(config, "max_position_embeddings", None)
+
+
 def roofline_point(gpu: str, model: str, precision: str, batch: int, context: int, hardware: dict | None = None,
-                   measured: list | None = None) -> dict:
+                   models: dict | None = None, measured: list | None = None) -> dict:
     """``infer.roofline`` for a GPU (bandwidth and dense 16-bit peak from ``infer``'s data-sheet tables, or a
-    ``hardware`` entry ``name -> (GB/s, TFLOP/s)``), a published config at ``precision``, a batch and a context
-    (16-bit KV cache): both bounds, the binding one, the ridge point, and the curve over batch sizes. ``measured``
-    points (dicts with ``label, hardware, model, precision, batch, tokens_per_s``) that match the selection are
-    returned with their share of the roofline."""
+    ``hardware`` entry ``name -> (GB/s, TFLOP/s or None)``), a model at ``precision`` (a published config, or a
+    ``models`` entry ``name -> {n_params, kv_bytes_per_token, max_context}``), a batch and a context: both bounds,
+    the binding one, the ridge point, and the curve over batch sizes. ``measured`` points (dicts with ``label,
+    hardware, model, precision, batch, tokens_per_s``) that match the selection come back with their share of
+    the roofline."""
     from llmlab import infer
 
     hardware = {**_gpus(), **(hardware or {})}
     if gpu not in hardware:
         raise ValueError(f"unknown hardware {gpu!r}; known: {sorted(hardware)}")
-    if model not in published_configs():
-        raise ValueError(f"unknown model {model!r}; known: {sorted(published_configs())}")
     if precision not in BYTES_PER_PARAM:
         raise ValueError(f"precision must be one of {list(BYTES_PER_PARAM)}, got {precision!r}")
-    n_params, config = _params_and_config(model)
-    limit = getattr(config, "max_position_embeddings", None)
+    n_params, kv, limit = _model_numbers(model, models)
     if limit and context > limit:
         raise ValueError(f"context {context:,} is over {model}'s limit of {limit:,} tokens")
     bandwidth, peak = hardware[gpu]
-    kv = _kv_bytes_per_token(config)
 
     def bound(b):
         return infer.roofline(n_params, BYTES_PER_PARAM[precision], bandwidth, b, kv, context, peak_tflops=peak)
@@ -720,7 +728,8 @@ def _gpus() -> dict:
 def _render_roofline(r: dict) -> str:
     fig, ax = _figure(7.0, 2.8)
     ax.loglog(r["batches"], [c["memory_bound_tokens_per_s"] for c in r["curve"]], "--", label="memory roof")
-    ax.loglog(r["batches"], [c["compute_bound_tokens_per_s"] for c in r["curve"]], ":", label="compute roof")
+    if r["peak_tflops"] is not None:
+        ax.loglog(r["batches"], [c["compute_bound_tokens_per_s"] for c in r["curve"]], ":", label="compute roof")
     ax.loglog(r["batches"], [c["tokens_per_s"] for c in r["curve"]], "k-", lw=2, label="roofline (the lower)")
     ax.plot([r["batch"]], [r["tokens_per_s"]], "o", color="#c00", label=f"batch {r['batch']}")
     for m in r["measured"]:
@@ -733,7 +742,8 @@ def _render_roofline(r: dict) -> str:
                             "the compute roof and the roofline, with the chosen batch marked")
     rows = [("bound at this batch", f"{r['tokens_per_s']:,.0f} tokens/s ({r['bound']}-bound)"),
             ("arithmetic intensity", f"{r['arithmetic_intensity']:,.1f} FLOP/byte"),
-            ("ridge point", f"{r['ridge_point']:,.0f} FLOP/byte"),
+            ("ridge point", f"{r['ridge_point']:,.0f} FLOP/byte" if r["peak_tflops"] is not None
+             else "none (no compute roof given)"),
             ("KV cache read per step", f"{r['kv_bytes'] / 1e9:.2f} GB of {r['bytes_per_step'] / 1e9:.2f} GB")]
     rows += [(m["label"], f"{m['tokens_per_s']:,.0f} tokens/s = {m['share']:.0%} of the roofline")
              for m in r["measured"]]
@@ -741,12 +751,14 @@ def _render_roofline(r: dict) -> str:
 
 
 def roofline_explorer(gpu: str = "T4", model: str = "Llama 2 7B", precision: str = "bf16 / fp16", batch: int = 1,
-                      context: int = 1024, hardware: dict | None = None, measured: list | None = None) -> Explorer:
+                      context: int = 1024, hardware: dict | None = None, models: dict | None = None,
+                      measured: list | None = None) -> Explorer:
     """GPU, model, precision, batch and context: the memory and compute bounds of decoding, the ridge point, and
-    where ``measured`` points fall (``roofline_point``). Chapters: Inference and Serving."""
+    where ``measured`` points fall (``roofline_point``; ``hardware`` and ``models`` add entries to the GPUs and
+    published configs). Chapters: Inference and Serving."""
     controls = {
-        "gpu": _dropdown(sorted({**_gpus(), **(hardware or {})}), gpu, "hardware"),
-        "model": _dropdown(sorted(published_configs()), model, "model"),
+        "gpu": _dropdown([*(hardware or {}), *sorted(_gpus())], gpu, "hardware"),
+        "model": _dropdown([*(models or {}), *sorted(published_configs())], model, "model"),
         "precision": _dropdown(list(BYTES_PER_PARAM), precision, "weights"),
         "batch": W.SelectionSlider(options=[2 ** i for i in range(11)], value=batch, description="batch",
                                    continuous_update=False, style={"description_width": "90px"}),
@@ -754,6 +766,10 @@ def roofline_explorer(gpu: str = "T4", model: str = "Llama 2 7B", precision: str
                                     style={"description_width": "90px"}),
     }
     return Explorer("Roofline explorer", controls,
-                    lambda **v: roofline_point(**v, hardware=hardware, measured=measured), _render_roofline,
-                    lambda r: f"{r['tokens_per_s']:,.0f} tokens/s, {r['bound']}-bound; ridge point "
-                              f"{r['ridge_point']:,.0f} FLOP/byte")
+                    lambda **v: roofline_point(**v, hardware=hardware, models=models, measured=measured),
+                    _render_roofline, _roofline_summary)
+
+
+def _roofline_summary(r: dict) -> str:
+    shares = "".join(f"; {m['label']} at {m['share']:.0%} of it" for m in r["measured"])
+    return f"{r['tokens_per_s']:,.0f} tokens/s, {r['bound']}-bound{shares}"

@@ -122,3 +122,59 @@ def test_the_math_check_finds_a_broken_equation():
     assert result["book/foundations/memory-and-compute.html"] == ([], True)
     errors, _ = result["extra"]
     assert errors and any("math mode" in e for e in errors), errors
+
+
+# The explorers (llmlab.widgets) and their controls' widget classes, as the html-manager draws them.
+EXPLORER_PAGES = {
+    "book/transformer/tokenization.html": {"Tokenizer explorer": ["widget-textarea"]},
+    "book/transformer/attention-and-the-block.html": {
+        "RoPE and attention explorer": ["widget-slider"] * 4 + ["widget-dropdown"]},
+    "book/foundations/memory-and-compute.html": {
+        "Memory planner": ["widget-dropdown"] * 4 + ["widget-slider", "widget-text"]},
+    "book/compression/quantization-from-scratch.html": {
+        "Quantization explorer": ["widget-slider"] * 2 + ["widget-dropdown"]},
+    "book/inference/inference.html": {
+        "Sampling explorer": ["widget-text"] + ["widget-slider"] * 3,
+        "Roofline explorer": ["widget-dropdown"] * 3 + ["widget-slider", "widget-text"]},
+    "book/finetuning/fine-tuning.html": {
+        "LoRA explorer": ["widget-dropdown"] + ["widget-slider"] * 2 + ["widget-select-multiple"]},
+}
+
+
+def test_every_explorer_shows_its_controls_and_default_output_offline():
+    """One Chromium run over one document holding every explorer page's stored widget state and views, loaded
+    with the site's own widget manager (_static/widgets/embed.js): each explorer's box, its controls and its
+    default output are drawn, and no script comes from another host."""
+    host = "book/foundations/memory-and-compute.html"
+    head = (SITE / host).read_text().split("<body", 1)[0]
+    assert re.search(r'<script src="[./]*_static/widgets/embed\.js', head), "the widget manager is not loaded"
+    sections = []
+    for page in EXPLORER_PAGES:
+        source = (SITE / page).read_text()
+        assert "cdn" not in " ".join(re.findall(r'<script[^>]+src="([^"]+)"', source)).lower(), page
+        states = re.findall(r'<script type="application/vnd\.jupyter\.widget-state\+json">.*?</script>', source, re.S)
+        views = re.findall(r'<script type="application/vnd\.jupyter\.widget-view\+json">.*?</script>', source, re.S)
+        assert len(states) == 1 and len(views) == len(EXPLORER_PAGES[page]), (page, len(states), len(views))
+        if page != host:  # the host page's state is in its head already
+            sections.append(states[0])
+        sections.append(f'<section data-explorer-page="{page}">'
+                        + "".join(f"<div>{v}</div>" for v in views) + "</section>")
+    check = SITE / "book" / "foundations" / "_widget_check.html"
+    check.write_text(f"{head}<body>{''.join(sections)}</body></html>")
+    try:
+        dom = render(check.relative_to(SITE).as_posix())
+    finally:
+        check.unlink()
+    parts = re.split(r'<section data-explorer-page="([^"]+)">', dom)
+    shown = dict(zip(parts[1::2], parts[2::2]))
+    assert sorted(shown) == sorted(EXPLORER_PAGES)
+    for page, explorers in EXPLORER_PAGES.items():
+        boxes = re.split(r'class="[^"]*llmlab-explorer"', shown[page])[1:]
+        assert len(boxes) == len(explorers), f"{page}: {len(boxes)} explorer boxes drawn, {len(explorers)} stored"
+        for box, (title, controls) in zip(boxes, explorers.items()):
+            assert title in text_of(box), f"{page}: {title} not drawn"
+            for kind in set(controls):
+                n = len(re.findall(rf'class="[^"]*jupyter-widgets[^"]*\b{kind}\b', box))
+                assert n >= controls.count(kind), f"{page}, {title}: {n} {kind} controls of {controls.count(kind)}"
+            assert "llmlab-explorer-error" not in box
+            assert "llmlab-explorer-table" in box or "<sub" in box, f"{page}, {title}: no default output"

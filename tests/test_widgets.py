@@ -170,16 +170,28 @@ def test_quantization_explorer_equals_quant_and_outliers_cost_snr():
 def test_rope_explorer_equals_transformer_and_hf_attention(course):
     e = widgets.rope_explorer()
     r = e.result
-    inv = transformer.rope_inv_freq(r["head_dim"], r["theta"])
-    assert r["inv_freq"] == pytest.approx(inv[r["pair"]].item())
-    e.set(scaling="linear x4", pair=3, position=1000)
-    assert e.result["inv_freq"] == pytest.approx(inv[3].item() / 4)
-    assert e.result["angle_deg"] == pytest.approx(math.degrees(1000 * inv[3].item() / 4) % 360, abs=1e-3)
-    n_layers = course[0].config.num_hidden_layers
-    e.set(layer=n_layers - 1, head=1)
+    plain = transformer.rope_inv_freq(128, 500000.0)
+    llama3 = transformer.rope_inv_freq(128, 500000.0, widgets.LLAMA31_ROPE)
+    assert r["inv_freq"] == pytest.approx(llama3[r["pair"]].item())
+    assert r["kept"] + r["divided"] + r["blended"] == 64
+    assert r["kept"] == int(torch.isclose(llama3, plain).sum())
+    e.set(scaling="linear x8", pair=3, position=1000)
+    assert e.result["inv_freq"] == pytest.approx(plain[3].item() / 8)
+    assert (e.result["kept"], e.result["divided"], e.result["blended"]) == (0, 64, 0)
+    assert e.result["angle_deg"] == pytest.approx(math.degrees(1000 * plain[3].item() / 8) % 360, abs=1e-3)
+    assert f"{e.result['wavelength']:,.1f} positions" in e.output.value
+    model, tok = course
+    e.set(layer=model.config.num_hidden_layers - 1, head=1)
     weights = e.result["weights"]
     assert torch.allclose(weights.sum(-1), torch.ones(weights.shape[0]), atol=1e-5)
     assert torch.equal(weights.triu(1), torch.zeros_like(weights))  # causal: no query sees a later key
+    ids = tok(widgets.ATTENTION_PROMPT, return_tensors="pt")["input_ids"]
+    eager = type(model).from_pretrained(model.name_or_path, attn_implementation="eager")
+    with torch.no_grad():
+        ref = eager(ids, output_attentions=True).attentions[-1][0, 1]
+    assert torch.allclose(weights, ref, atol=1e-6)
+    e.set(pair=64)  # the slider stops at 63; a value past it is clamped, never an error
+    assert e.values()["pair"] == 63 and e.message is None
 
 
 # ------------------------------------------------------------------ LoRA --
@@ -215,3 +227,137 @@ def test_roofline_explorer_equals_infer_roofline_and_places_measured_points():
     assert e.result["bound"] == "compute"
     e.set(context=10**6)
     assert e.result is None and "limit" in e.output.value
+
+
+def test_roofline_explorer_takes_measured_hardware_and_models_without_a_compute_roof():
+    cpu = {"this CPU": (20.0, None)}
+    tiny = {"tiny": {"n_params": 1e6, "kv_bytes_per_token": 1000, "max_context": 256}}
+    measured = [{"label": "decode", "hardware": "this CPU", "model": "tiny", "precision": "fp32", "batch": 1,
+                 "tokens_per_s": 1000.0}]
+    e = widgets.roofline_explorer(gpu="this CPU", model="tiny", precision="fp32", context=0, hardware=cpu,
+                                  models=tiny, measured=measured)
+    assert e.result["tokens_per_s"] == pytest.approx(20e9 / 4e6) and e.result["bound"] == "memory"
+    (m,) = e.result["measured"]
+    assert m["share"] == pytest.approx(1000.0 / 5000.0)
+    assert "none (no compute roof given)" in e.output.value and "decode at 20% of it" in e.summary()
+    e.set(context=100)
+    assert e.result["kv_bytes"] == 100 * 1000
+    e.set(context=300)
+    assert e.result is None and "limit of 256 tokens" in e.message
+
+
+# ------------------------------------------------------------------ the chapters --
+
+# Each explorer, the page it lives on, and what the chapter prints elsewhere that its default must show:
+# (a regex over the chapter's own printed outputs, a regex over the explorer's stored view, compare).
+EXPLORERS = {
+    "Tokenizer explorer": "book/transformer/tokenization.ipynb",
+    "RoPE and attention explorer": "book/transformer/attention-and-the-block.ipynb",
+    "Memory planner": "book/foundations/memory-and-compute.ipynb",
+    "Quantization explorer": "book/compression/quantization-from-scratch.ipynb",
+    "Sampling explorer": "book/inference/inference.ipynb",
+    "Roofline explorer": "book/inference/inference.ipynb",
+    "LoRA explorer": "book/finetuning/fine-tuning.ipynb",
+}
+
+
+def _printed(nb) -> str:
+    """Everything the notebook's cells printed or displayed as text, widgets left out."""
+    out = []
+    for cell in nb["cells"]:
+        for o in cell.get("outputs", []):
+            data = o.get("data", {})
+            if "application/vnd.jupyter.widget-view+json" in data:
+                continue
+            out.append("".join(o.get("text") or data.get("text/plain") or ""))
+            out.append("".join(data.get("text/html") or ""))
+    return "\n".join(out)
+
+
+def stored_view(path: str, title: str) -> str:
+    """The HTML the explorer ``title`` showed when its chapter was executed, read from the notebook's stored
+    widget state (what the website renders)."""
+    nb = json.loads((ROOT / path).read_text())
+    state = nb["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    for cell in nb["cells"]:
+        for o in cell.get("outputs", []):
+            data = o.get("data", {})
+            if "".join(data.get("text/plain", "")).startswith(title + " ("):
+                box = state[data["application/vnd.jupyter.widget-view+json"]["model_id"]]["state"]
+                children = [state[c.removeprefix("IPY_MODEL_")]["state"] for c in box["children"]]
+                return children[-1]["value"]
+    raise AssertionError(f"{path} shows no {title}")
+
+
+@pytest.mark.parametrize("title", sorted(EXPLORERS))
+def test_every_explorer_is_stored_in_its_chapter_with_a_view(title):
+    view = stored_view(EXPLORERS[title], title)
+    assert "llmlab-explorer-error" not in view, f"{title}'s default setting shows an error"
+    assert "llmlab-explorer-table" in view or "<sub" in view
+    if title != "Tokenizer explorer":
+        assert '<img src="data:image/png;base64,' in view, f"{title} stored no figure"
+
+
+def _number(pattern, text, what):
+    m = re.search(pattern, text)
+    assert m, f"{what}: no match for {pattern!r}"
+    return m.group(1)
+
+
+def test_chapter_defaults_match_what_the_chapters_print():
+    """Each explorer's stored default equals a number its chapter computed and printed elsewhere."""
+    nbs = {p: json.loads((ROOT / p).read_text()) for p in set(EXPLORERS.values())}
+    printed = {p: _printed(nb) for p, nb in nbs.items()}
+
+    memory_nb = json.loads((ROOT / "book/foundations/memory-and-compute.ipynb").read_text())
+    qlora = _number(r"QLoRA on a 4-bit base(?:\s+[\d.]+){4}\s+([\d.]+)", _printed(memory_nb), "memory plan")
+    assert f"<b>{qlora} GB</b>" in stored_view(EXPLORERS["Memory planner"], "Memory planner")
+
+    lora_params = _number(r"LoRA trainable parameters: ([\d,]+)", _printed(memory_nb), "LoRA count")
+    assert f"<b>{lora_params} (" in stored_view(EXPLORERS["LoRA explorer"], "LoRA explorer")
+
+    tok = printed[EXPLORERS["Tokenizer explorer"]]
+    ids = _number(r"\[(\d+(?:, \d+){5,})\]\ndecodes back to the same text: True", tok, "the BPE's ids")
+    view = stored_view(EXPLORERS["Tokenizer explorer"], "Tokenizer explorer")
+    bpe_row = next(r for r in view.split("<div style='margin:4px 0'>") if r.startswith("<b>BPE from scratch"))
+    assert re.findall(r'<sub style="color:#666">(\d+)</sub>', bpe_row) == ids.split(", ")
+
+    rope = _number(r"llama3 scaling of the \d+ frequency pairs: (\d+ kept, \d+ divided by 8, \d+ blended)",
+                   printed[EXPLORERS["RoPE and attention explorer"]], "RoPE's pairs")
+    assert f"<b>{rope}</b>" in stored_view(EXPLORERS["RoPE and attention explorer"], "RoPE and attention explorer")
+
+    snr = float(_number(r"int4 absmax SNR ([\d.]+) dB", printed[EXPLORERS["Quantization explorer"]], "int4 SNR"))
+    shown = float(_number(r"SNR</td><td style='text-align:right'><b>([\d.]+) dB",
+                          stored_view(EXPLORERS["Quantization explorer"], "Quantization explorer"), "explorer SNR"))
+    assert shown == pytest.approx(snr, abs=0.051)
+
+    inference = printed[EXPLORERS["Sampling explorer"]]
+    first = _number(r"the 8 most likely of \d+ tokens\n\s*'([^']+)'", inference, "top token")
+    kept = _number(r"top-p = 0.9\s+(\d+)", inference, "top-p kept")
+    view = stored_view(EXPLORERS["Sampling explorer"], "Sampling explorer")
+    assert f"&#x27;{html_of(first)}&#x27;:" in view and f"<b>{kept} of" in view
+    # the roofline opens on this CPU: the bound and the measured engines of the chapter's speed table
+    view = stored_view(EXPLORERS["Roofline explorer"], "Roofline explorer")
+    bound = int(_number(r"bound \(main-memory copy\)\s+(\d+)", inference, "the CPU's bound"))
+    shown = _number(r"<b>([\d,]+) tokens/s \(memory-bound\)</b>", view, "the explorer's bound")
+    assert int(shown.replace(",", "")) == bound
+    for engine, share in re.findall(r"\n(PyTorch \(HF generate\)|PyTorch \(infer\.decode\)|llama\.cpp \(f32 GGUF\))"
+                                    r"\s+\d+\s+[\d.]+\s+([\d.]+)", inference):
+        pct = _number(rf"{re.escape(html_of(engine))}</td><td style='text-align:right'><b>[\d,]+ tokens/s = (\d+)%",
+                      view, engine)
+        assert abs(int(pct) - 100 * float(share)) <= 1, (engine, pct, share)
+
+
+def test_a_line_under_each_explorer_says_where_it_is_live():
+    calls = re.compile(r"widgets\.(\w+_explorer|memory_planner)\(")
+    found = {}
+    for path in sorted(set(EXPLORERS.values())):
+        cells = json.loads((ROOT / path).read_text())["cells"]
+        for i, cell in enumerate(cells):
+            if cell["cell_type"] == "code" and calls.search("".join(cell["source"])):
+                found.setdefault(path, []).append(calls.search("".join(cell["source"])).group(1))
+                after = cells[i + 1] if i + 1 < len(cells) else {"cell_type": "none", "source": ""}
+                text = "".join(after["source"])
+                assert after["cell_type"] == "markdown" and "Colab" in text and "launch button" in text, \
+                    f"{path}: no line under the explorer in cell {i} saying how to make it live"
+    assert sum(len(v) for v in found.values()) == len(EXPLORERS), found
