@@ -432,9 +432,11 @@ DEFENCES = ("none", "delimit", "datamark", "base64", "input filter", "output che
 
 
 def respond(model, tokenizer, cases: list[Case], defence: str = "none", max_new_tokens: int = 24,
-            batch_size: int = 32, progress: bool = False) -> list[str]:
+            batch_size: int = 32, progress: bool = False, cache: dict | None = None) -> list[str]:
     """What the application shows for each chat behind ``defence`` (one of ``DEFENCES``): the model's greedy
-    answer, or ``BLOCKED`` where the input filter or the output check fires. Chapter: Securing LLMs."""
+    answer, or ``BLOCKED`` where the input filter or the output check fires. ``cache``: a dict (one per model and
+    ``max_new_tokens``) of answers by prompt, filled here and reused, so that the filter and the check, which sit in
+    front of and behind the same model, cost no new generation. Chapter: Securing LLMs."""
     from llmlab.infer import generate
 
     if defence not in DEFENCES:
@@ -444,10 +446,14 @@ def respond(model, tokenizer, cases: list[Case], defence: str = "none", max_new_
     if defence in SPOTLIGHT_MODES:
         cases = [spotlight(c, defence) for c in cases]
     blocked = [defence == "input filter" and injection_filter(c.note or c.user) for c in cases]
-    todo = [c for c, b in zip(cases, blocked) if not b]
-    outs = iter(generate(model, tokenizer, [chat_prompt(tokenizer, c) for c in todo], max_new_tokens,
-                         batch_size, progress) if todo else [])
-    answers = [BLOCKED if b else next(outs) for b in blocked]
+    if cache is not None and not isinstance(cache, dict):
+        raise TypeError(f"cache must be a dict or None, got {type(cache).__name__}")
+    cache = {} if cache is None else cache
+    prompts = [chat_prompt(tokenizer, c) for c in cases]
+    todo = list(dict.fromkeys(p for p, b in zip(prompts, blocked) if not b and p not in cache))
+    if todo:
+        cache.update(zip(todo, generate(model, tokenizer, todo, max_new_tokens, batch_size, progress)))
+    answers = [BLOCKED if b else cache[p] for p, b in zip(prompts, blocked)]
     if defence == "output check":
         answers = [a if output_check(c, a) else BLOCKED for c, a in zip(cases, answers)]
     return answers
@@ -470,15 +476,16 @@ def suites(n: int = 24, seed: int = 0) -> dict[str, list[Case]]:
     return out
 
 
-def measure(model, tokenizer, sets: dict[str, list[Case]], defence: str = "none", progress: bool = False) -> dict:
+def measure(model, tokenizer, sets: dict[str, list[Case]], defence: str = "none", progress: bool = False,
+            cache: dict | None = None) -> dict:
     """One row of the defence table: benign accuracy on ``sets["benign"]`` and the attack success rate on every
     other set, with the application behind ``defence``; for the ``hijack`` sets, success is following the note's
-    instruction (``followed_injection``), exact word or not. Chapter: Securing LLMs."""
+    instruction (``followed_injection``), exact word or not. ``cache`` as in ``respond``. Chapter: Securing LLMs."""
     if not isinstance(sets, dict) or "benign" not in sets:
         raise ValueError("sets must be a dict with a 'benign' list (see suites)")
     names = list(sets)
     flat = [c for n in names for c in sets[n]]
-    outs = respond(model, tokenizer, flat, defence, progress=progress)
+    outs = respond(model, tokenizer, flat, defence, progress=progress, cache=cache)
     row, i = {}, 0
     for n in names:
         o = outs[i : i + len(sets[n])]
@@ -673,6 +680,313 @@ def gcg_suffix(model, tokenizer, case: Case, target: str, n_tokens: int = 8, ste
             best, suffix = cand_loss[i].item(), cand[i]
         losses.append(best)
     return {"suffix_ids": suffix.tolist(), "suffix": tokenizer.decode(suffix), "losses": losses}
+
+
+# -------------------------------------------------------- supply chain: what loading a model file can run --
+
+MARKER_TEXT = "code in a model file ran"
+
+
+class _RunsOnLoad:
+    """Unpickling this object calls ``exec(code)``: ``__reduce__`` tells pickle to rebuild it by calling a function."""
+
+    def __init__(self, code: str):
+        self.code = code
+
+    def __reduce__(self):
+        return (exec, (self.code,))
+
+
+def pickle_payload(marker) -> object:
+    """A harmless payload: an object whose **unpickling** writes ``MARKER_TEXT`` to the file ``marker``. Saved inside
+    a checkpoint (``torch.save``) it runs when the checkpoint is loaded with ``torch.load(weights_only=False)``;
+    a real attacker runs anything there. Chapter: Securing LLMs."""
+    if not isinstance(marker, (str, Path)):
+        raise TypeError(f"marker must be a str or a Path, got {type(marker).__name__}")
+    return _RunsOnLoad(f"open({str(marker)!r}, 'w').write({MARKER_TEXT!r})")
+
+
+_STRING_OPS = {"STRING", "BINSTRING", "SHORT_BINSTRING", "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8"}
+_CALL_OPS = ("REDUCE", "INST", "OBJ", "NEWOBJ", "NEWOBJ_EX", "BUILD")
+
+
+def _pickles(data) -> list[bytes]:
+    import zipfile
+
+    if isinstance(data, (bytes, bytearray)):
+        return [bytes(data)]
+    if not isinstance(data, (str, Path)):
+        raise TypeError(f"data must be bytes or a path, got {type(data).__name__}")
+    path = Path(data)
+    if not path.is_file():
+        raise ValueError(f"no file at {path}")
+    if zipfile.is_zipfile(path):  # a torch checkpoint: a zip with the pickle in <name>/data.pkl
+        with zipfile.ZipFile(path) as z:
+            found = [z.read(n) for n in z.namelist() if n.endswith(".pkl")]
+        if not found:
+            raise ValueError(f"{path} is a zip file with no .pkl member")
+        return found
+    return [path.read_bytes()]
+
+
+def scan_pickle(data) -> dict:
+    """What a pickle would do when loaded, read **without loading it** (``pickletools.genops``), the way
+    model-hub scanners do: ``globals``, the sorted ``"module.name"`` objects it imports (``builtins.exec`` means it
+    runs code), ``calls``, how many call opcodes it holds (``REDUCE`` and friends, which call those objects), and
+    ``opcodes``, a count of every opcode. ``data``: a pickle's bytes, or a path to a pickle or to a torch zip
+    checkpoint (every ``.pkl`` member is scanned). Raises ``ValueError`` on a malformed pickle. Chapter: Securing
+    LLMs."""
+    import pickletools
+    from collections import Counter
+
+    found, ops = set(), Counter()
+    for blob in _pickles(data):
+        strings, memo = [], {}
+        try:
+            for op, arg, _ in pickletools.genops(blob):
+                ops[op.name] += 1
+                if op.name in ("GLOBAL", "INST"):  # argument "module name"
+                    found.add(".".join(arg.split(" ", 1)))
+                elif op.name == "STACK_GLOBAL":  # module and name are the last two strings pushed
+                    if len(strings) < 2:
+                        raise ValueError("STACK_GLOBAL without two strings before it")
+                    found.add(f"{strings[-2]}.{strings[-1]}")
+                elif op.name in _STRING_OPS:
+                    strings.append(arg if isinstance(arg, str) else arg.decode("latin-1"))
+                elif op.name == "MEMOIZE":
+                    memo[len(memo)] = strings[-1] if strings else None
+                elif op.name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[arg] = strings[-1] if strings else None
+                elif op.name in ("GET", "BINGET", "LONG_BINGET") and isinstance(memo.get(arg), str):
+                    strings.append(memo[arg])
+        except ValueError as e:
+            raise ValueError(f"not a well-formed pickle: {e}") from None
+    return {"globals": sorted(found), "calls": sum(ops[o] for o in _CALL_OPS if o != "BUILD"),
+            "opcodes": dict(ops)}
+
+
+def safetensors_header(path) -> dict:
+    """The header of a ``.safetensors`` file, parsed by hand: 8 bytes (little-endian length ``n``), then ``n`` bytes
+    of JSON mapping each tensor name to its ``dtype``, ``shape`` and ``data_offsets`` (plus an optional
+    ``__metadata__`` of strings); the raw tensor bytes follow. There is nothing to execute: loading is parsing JSON
+    and copying bytes. Chapter: Securing LLMs."""
+    import json
+    import struct
+
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"path must be a str or a Path, got {type(path).__name__}")
+    blob = Path(path).read_bytes()
+    if len(blob) < 8:
+        raise ValueError(f"{path} is too short to be a safetensors file")
+    (n,) = struct.unpack("<Q", blob[:8])
+    if n > len(blob) - 8:
+        raise ValueError(f"{path}: header length {n} runs past the end of the file")
+    return json.loads(blob[8 : 8 + n])
+
+
+# GGUF (llama.cpp's file): "GGUF", version, tensor count, metadata count, then key/type/value triples. Value types:
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q",
+                 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def write_gguf(path, metadata: dict) -> Path:
+    """Write a GGUF (version 3) file holding ``metadata`` and no tensors: keys are str, values str, int (stored as
+    int64), float (float64), bool, or a list of str. Enough to put a chat template where llama.cpp and its
+    wrappers look for one (``tokenizer.chat_template``). Chapter: Securing LLMs."""
+    import struct
+
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"path must be a str or a Path, got {type(path).__name__}")
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) for k in metadata):
+        raise TypeError("metadata must be a dict with str keys")
+
+    def s(x: str) -> bytes:
+        b = x.encode()
+        return struct.pack("<Q", len(b)) + b
+
+    out = [b"GGUF", struct.pack("<IQQ", 3, 0, len(metadata))]
+    for k, v in metadata.items():
+        out.append(s(k))
+        if isinstance(v, bool):
+            out.append(struct.pack("<I?", 7, v))
+        elif isinstance(v, int):
+            out.append(struct.pack("<Iq", 11, v))
+        elif isinstance(v, float):
+            out.append(struct.pack("<Id", 12, v))
+        elif isinstance(v, str):
+            out.append(struct.pack("<I", _GGUF_STRING) + s(v))
+        elif isinstance(v, list) and all(isinstance(x, str) for x in v):
+            out.append(struct.pack("<IIQ", _GGUF_ARRAY, _GGUF_STRING, len(v)) + b"".join(s(x) for x in v))
+        else:
+            raise TypeError(f"metadata[{k!r}]: unsupported value type {type(v).__name__}")
+    Path(path).write_bytes(b"".join(out))
+    return Path(path)
+
+
+def read_gguf_metadata(path) -> dict:
+    """The metadata of a GGUF file, parsed by hand, **checking every length against the bytes left** before using
+    it: the check whose absence in C parsers made crafted GGUF files memory-corruption bugs (CVE-2024-21802).
+    Returns ``{"version", "tensor_count", "metadata": {key: value}}``; arrays come back as lists. Raises
+    ``ValueError`` on a file that lies about a length or a type. Chapter: Securing LLMs."""
+    import struct
+
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"path must be a str or a Path, got {type(path).__name__}")
+    blob = Path(path).read_bytes()
+    pos = 0
+
+    def take(n):
+        nonlocal pos
+        if n < 0 or n > len(blob) - pos:
+            raise ValueError(f"{path}: a length of {n} bytes at offset {pos} runs past the end of the file")
+        pos += n
+        return blob[pos - n : pos]
+
+    def unpack(fmt):
+        return struct.unpack(fmt, take(struct.calcsize(fmt)))[0]
+
+    def string():
+        return take(unpack("<Q")).decode("utf-8", errors="replace")
+
+    def value(t):
+        if t in _GGUF_SCALARS:
+            return unpack(_GGUF_SCALARS[t])
+        if t == _GGUF_STRING:
+            return string()
+        if t == _GGUF_ARRAY:
+            et, n = unpack("<I"), unpack("<Q")
+            if et == _GGUF_ARRAY:
+                raise ValueError(f"{path}: nested arrays are not supported")
+            if et not in _GGUF_SCALARS and et != _GGUF_STRING:
+                raise ValueError(f"{path}: unknown array element type {et}")
+            least = 8 if et == _GGUF_STRING else struct.calcsize(_GGUF_SCALARS[et])
+            if n * least > len(blob) - pos:  # refuse before allocating anything
+                raise ValueError(f"{path}: an array of {n} elements cannot fit in the {len(blob) - pos} bytes left")
+            return [value(et) for _ in range(n)]
+        raise ValueError(f"{path}: unknown value type {t}")
+
+    if take(4) != b"GGUF":
+        raise ValueError(f"{path} is not a GGUF file (bad magic)")
+    version, n_tensors, n_kv = unpack("<I"), unpack("<Q"), unpack("<Q")
+    if version not in (2, 3):
+        raise ValueError(f"{path}: unsupported GGUF version {version}")
+    meta = {}
+    for _ in range(n_kv):
+        key = string()
+        meta[key] = value(unpack("<I"))
+    return {"version": version, "tensor_count": n_tensors, "metadata": meta}
+
+
+def render_chat_template(template: str, messages: list[dict], sandboxed: bool = True, **kwargs) -> str:
+    """Render a Jinja chat template the way ``transformers`` does (``trim_blocks``, ``lstrip_blocks``, loop
+    controls, ``{% generation %}`` markers dropped), in Jinja's **immutable sandbox** by default. With
+    ``sandboxed=False`` it uses a plain ``jinja2.Environment``, as llama-cpp-python did before 0.2.72: then a
+    template, which ships inside a model file, can reach Python objects and run code (CVE-2024-34359).
+    Chapter: Securing LLMs."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    if not isinstance(template, str):
+        raise TypeError(f"template must be a str, got {type(template).__name__}")
+    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+        raise TypeError("messages must be a list of dicts")
+    cls = ImmutableSandboxedEnvironment if sandboxed else jinja2.Environment
+    env = cls(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    template = re.sub(r"{%-?\s*(end)?generation\s*-?%}", "", template)
+    return env.from_string(template).render(messages=messages, **kwargs)
+
+
+def remote_code_repo(folder, marker) -> Path:
+    """A local model folder whose ``config.json`` points (``auto_map``) at its own Python file,
+    ``configuration_course.py``, the way hub repositories with custom architectures do. Importing that file writes
+    ``MARKER_TEXT`` to ``marker``: ``AutoConfig.from_pretrained(folder, trust_remote_code=True)`` imports it.
+    Chapter: Securing LLMs."""
+    import json
+
+    if not isinstance(folder, (str, Path)) or not isinstance(marker, (str, Path)):
+        raise TypeError("folder and marker must be str or Path")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "configuration_course.py").write_text(
+        "from transformers import PretrainedConfig\n\n"
+        f"open({str(marker)!r}, 'w').write({MARKER_TEXT!r})  # runs on import: any code could stand here\n\n\n"
+        "class CourseConfig(PretrainedConfig):\n    model_type = 'course-remote'\n")
+    (folder / "config.json").write_text(json.dumps(
+        {"model_type": "course-remote", "auto_map": {"AutoConfig": "configuration_course.CourseConfig"}}))
+    return folder
+
+
+# --------------------------------------------- safety removed from the weights: the refusal direction --
+
+def _layer_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def layer_activations(model, tokenizer, cases: list[Case]) -> torch.Tensor:
+    """The residual stream after each decoder layer at the last prompt token (where the model decides its first
+    answer token), for each chat: shape ``(layers, len(cases), hidden)``. Chapter: Securing LLMs."""
+    if not isinstance(cases, list) or not cases or not all(isinstance(c, Case) for c in cases):
+        raise TypeError("cases must be a non-empty list of llmlab.security.Case")
+    store = []
+    hooks = [layer.register_forward_hook(lambda m, i, o: store.append(_layer_output(o)[:, -1].detach()))
+             for layer in model.model.layers]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # the last position is the last prompt token in every row
+    try:
+        enc = tokenizer([chat_prompt(tokenizer, c) for c in cases], return_tensors="pt", padding=True,
+                        add_special_tokens=False)
+        with torch.no_grad():
+            model(**enc)
+    finally:
+        tokenizer.padding_side = side
+        for h in hooks:
+            h.remove()
+    return torch.stack(store)
+
+
+def refusal_directions(model, tokenizer, refused: list[Case], answered: list[Case]) -> torch.Tensor:
+    """Difference of means (Arditi et al. 2024): the mean activation after each layer on chats the model refuses
+    minus the mean on chats it answers, at the last prompt token; shape ``(layers, hidden)``. Chapter: Securing
+    LLMs."""
+    return (layer_activations(model, tokenizer, refused).mean(1)
+            - layer_activations(model, tokenizer, answered).mean(1))
+
+
+class ablated:
+    """Context manager: while active, the model's residual stream after each decoder layer has a direction
+    projected out, ``h - (h . r) r`` with ``r`` of unit length, at every position. ``directions``: one vector
+    ``(hidden,)`` removed after every layer (Arditi et al.'s form), or one per layer ``(layers, hidden)``.
+    Chapter: Securing LLMs."""
+
+    def __init__(self, model, directions: torch.Tensor):
+        if not isinstance(directions, torch.Tensor):
+            raise TypeError(f"directions must be a torch.Tensor, got {type(directions).__name__}")
+        n = len(model.model.layers)
+        d = directions.detach().float()
+        if d.dim() == 1:
+            d = d.expand(n, -1)
+        if d.shape != (n, model.config.hidden_size):
+            raise ValueError(f"directions must have shape (hidden,) or ({n}, hidden), got {tuple(directions.shape)}")
+        if not torch.all(d.norm(dim=-1) > 0):
+            raise ValueError("a direction to ablate is zero")
+        self.model, self.units, self.hooks = model, d / d.norm(dim=-1, keepdim=True), []
+
+    def __enter__(self):
+        def hook(r):
+            def f(module, inputs, out):
+                h = _layer_output(out)
+                h = h - (h @ r)[..., None] * r
+                return (h, *out[1:]) if isinstance(out, tuple) else h
+            return f
+        self.hooks = [layer.register_forward_hook(hook(r)) for layer, r in zip(self.model.model.layers, self.units)]
+        return self.model
+
+    def __exit__(self, *exc):
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+        return False
 
 
 def main(argv=None):
