@@ -147,17 +147,36 @@ def _table(rows: list[tuple[str, str]]) -> str:
 
 
 def _dropdown(options, value, description):
+    options = list(options)
+    if value not in options:
+        raise ValueError(f"{description} must be one of {options}, got {value!r}")
     return W.Dropdown(options=options, value=value, description=description, style={"description_width": "90px"})
 
 
+def _number(value, lo, hi, description, integer=False):
+    """A knob's starting value: a number (an int where the knob is whole) within the knob's range."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise TypeError(f"{description} must be {'an int' if integer else 'a number'}, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{description} must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _text(value, description):
+    if not isinstance(value, str):
+        raise TypeError(f"{description} must be a str, got {type(value).__name__}")
+    return value
+
+
 def _int_slider(value, lo, hi, description, step=1):
-    return W.IntSlider(value=value, min=lo, max=hi, step=step, description=description,
-                       continuous_update=False, style={"description_width": "90px"})
+    return W.IntSlider(value=_number(value, lo, hi, description, integer=True), min=lo, max=hi, step=step,
+                       description=description, continuous_update=False, style={"description_width": "90px"})
 
 
 def _float_slider(value, lo, hi, step, description):
-    return W.FloatSlider(value=value, min=lo, max=hi, step=step, description=description,
-                         continuous_update=False, style={"description_width": "90px"})
+    return W.FloatSlider(value=_number(value, lo, hi, description), min=lo, max=hi, step=step,
+                         description=description, continuous_update=False, style={"description_width": "90px"})
 
 
 # -------------------------------------------------------- Tokenization --
@@ -240,7 +259,7 @@ def tokenizer_explorer(text: str = "Zara flies her purple drone to the library."
                    "</small></p>"
         else:
             tokenizers[f"SmolLM2 ({len(smol):,} ids)"] = smol
-    controls = {"text": W.Textarea(value=text, description="text", continuous_update=False,
+    controls = {"text": W.Textarea(value=_text(text, "text"), description="text", continuous_update=False,
                                    layout=W.Layout(width="98%", height="60px"))}
     return Explorer("Tokenizer explorer", controls, lambda text: tokenize_all(tokenizers, text),
                     lambda r: _render_tokens(r) + note,
@@ -330,7 +349,7 @@ def sampling_explorer(prompt: str = "Mia has a red", temperature: float = 1.0, t
     """Temperature, top-k and top-p on the course model's real next-token distribution: the kept set, the
     renormalised bars and a few seeded samples (``infer.warp_logits`` and ``infer.decode``). Chapter: Inference."""
     controls = {
-        "prompt": W.Text(value=prompt, description="prompt", continuous_update=False,
+        "prompt": W.Text(value=_text(prompt, "prompt"), description="prompt", continuous_update=False,
                          style={"description_width": "90px"}),
         "temperature": _float_slider(temperature, 0.0, 2.0, 0.05, "temperature"),
         "top_k": _int_slider(top_k, 0, 100, "top-k (0: off)"),
@@ -344,8 +363,8 @@ def sampling_explorer(prompt: str = "Mia has a red", temperature: float = 1.0, t
 
 @functools.lru_cache(maxsize=1)
 def published_configs() -> dict:
-    """Dense models of the landscape chapter's data (``book/landscape/open_models.json``) by name:
-    transformers config values, and the parameter count built on the meta device."""
+    """Dense models of the landscape chapter's data (``book/landscape/open_models.json``) by name: their
+    transformers config values (``_params_and_config`` counts their parameters on the meta device)."""
     from llmlab import landscape
 
     out = {}
@@ -444,8 +463,8 @@ def memory_planner(model: str = "Llama 2 7B", precision: str = "bf16 / fp16", me
         "precision": _dropdown(list(PRECISIONS), precision, "precision"),
         "method": _dropdown(list(METHODS), method, "method"),
         "batch": _int_slider(batch, 1, 64, "batch"),
-        "context": W.BoundedIntText(value=context, min=1, max=10_000_000, description="context",
-                                    style={"description_width": "90px"}),
+        "context": W.BoundedIntText(value=_number(context, 1, 10_000_000, "context", integer=True), min=1,
+                                    max=10_000_000, description="context", style={"description_width": "90px"}),
         "gpu": _dropdown(list(memory.GPUS), gpu, "GPU"),
     }
     return Explorer("Memory planner", controls, plan_memory, _render_memory, lambda r: r["reason"])
@@ -647,6 +666,9 @@ def lora_explorer(model: str = "Llama 2 7B", rank: int = 16, alpha: float = 32.0
     update's scale (``lora.lora_parameters``). Chapter: Fine-tuning."""
     from llmlab import lora
 
+    unknown = [t for t in targets if t not in lora.LLAMA_PROJECTIONS] if isinstance(targets, (tuple, list)) else None
+    if unknown is None or unknown:
+        raise ValueError(f"targets must be a tuple of {lora.LLAMA_PROJECTIONS}, got {targets!r}")
     controls = {
         "model": _dropdown(sorted(published_configs()), model, "model"),
         "rank": _int_slider(rank, 1, 256, "rank r"),
@@ -760,10 +782,11 @@ def roofline_explorer(gpu: str = "T4", model: str = "Llama 2 7B", precision: str
         "gpu": _dropdown([*(hardware or {}), *sorted(_gpus())], gpu, "hardware"),
         "model": _dropdown([*(models or {}), *sorted(published_configs())], model, "model"),
         "precision": _dropdown(list(BYTES_PER_PARAM), precision, "weights"),
-        "batch": W.SelectionSlider(options=[2 ** i for i in range(11)], value=batch, description="batch",
+        "batch": W.SelectionSlider(options=[2 ** i for i in range(11)], value=_dropdown(
+                                   [2 ** i for i in range(11)], batch, "batch").value, description="batch",
                                    continuous_update=False, style={"description_width": "90px"}),
-        "context": W.BoundedIntText(value=context, min=0, max=10_000_000, description="context",
-                                    style={"description_width": "90px"}),
+        "context": W.BoundedIntText(value=_number(context, 0, 10_000_000, "context", integer=True), min=0,
+                                    max=10_000_000, description="context", style={"description_width": "90px"}),
     }
     return Explorer("Roofline explorer", controls,
                     lambda **v: roofline_point(**v, hardware=hardware, models=models, measured=measured),

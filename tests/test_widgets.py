@@ -313,7 +313,8 @@ def test_chapter_defaults_match_what_the_chapters_print():
     qlora = _number(r"QLoRA on a 4-bit base(?:\s+[\d.]+){4}\s+([\d.]+)", _printed(memory_nb), "memory plan")
     assert f"<b>{qlora} GB</b>" in stored_view(EXPLORERS["Memory planner"], "Memory planner")
 
-    lora_params = _number(r"LoRA trainable parameters: ([\d,]+)", _printed(memory_nb), "LoRA count")
+    lora_params = _number(r"LoRA r=16 on all linear layers:\s+([\d,]+) trainable",
+                          printed[EXPLORERS["LoRA explorer"]], "LoRA count")
     assert f"<b>{lora_params} (" in stored_view(EXPLORERS["LoRA explorer"], "LoRA explorer")
 
     tok = printed[EXPLORERS["Tokenizer explorer"]]
@@ -361,3 +362,23 @@ def test_a_line_under_each_explorer_says_where_it_is_live():
                 assert after["cell_type"] == "markdown" and "Colab" in text and "launch button" in text, \
                     f"{path}: no line under the explorer in cell {i} saying how to make it live"
     assert sum(len(v) for v in found.values()) == len(EXPLORERS), found
+
+
+def test_explorers_reject_bad_starting_values_with_one_clear_error():
+    bad = [
+        (lambda: widgets.memory_planner(model="GPT-5"), ValueError, "model must be one of"),
+        (lambda: widgets.memory_planner(batch=0), ValueError, "batch must be between 1 and 64"),
+        (lambda: widgets.memory_planner(context="long"), TypeError, "context must be an int"),
+        (lambda: widgets.quantization_explorer(bits=9), ValueError, "bits must be between 2 and 8"),
+        (lambda: widgets.quantization_explorer(granularity="row"), ValueError, "scale per must be one of"),
+        (lambda: widgets.sampling_explorer(prompt=3), TypeError, "prompt must be a str"),
+        (lambda: widgets.sampling_explorer(temperature=-1.0), ValueError, "temperature must be between"),
+        (lambda: widgets.lora_explorer(targets=("qkv",)), ValueError, "targets must be a tuple"),
+        (lambda: widgets.roofline_explorer(gpu="T5"), ValueError, "hardware must be one of"),
+        (lambda: widgets.roofline_explorer(batch=3), ValueError, "batch must be one of"),
+        (lambda: widgets.rope_explorer(pair=64), ValueError, "pair i must be between 0 and 63"),
+        (lambda: widgets.tokenizer_explorer(text=None, tokenizers={"b": BPE()}), TypeError, "text must be a str"),
+    ]
+    for make, error, message in bad:
+        with pytest.raises(error, match=re.escape(message)):
+            make()
