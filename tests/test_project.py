@@ -149,6 +149,8 @@ def test_the_wheel_ships_the_course_model(tmp_path):
 TRAINS_ON_THE_CORPUS_ONLY = {
     "book/compression/quantization-from-scratch.ipynb": "quantization-aware training continues pretraining on the "
                                                         "corpus; the tasks are only evaluated",
+    "book/pretraining/pretraining.ipynb": "trains on the corpus only; the curation section counts the tokens of "
+                                          "generated tasks for a data mixture and neither trains nor evaluates on them",
 }
 
 
