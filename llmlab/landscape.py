@@ -1,6 +1,7 @@
 """The open-model landscape, computed: parameter counts, KV cache and memory of published model configs.
 
-Chapter: The open-model landscape. The chapter's data is ``book/landscape/open_models.json``: for each model, its
+Chapter: The open-model landscape. The chapter's data is ``llmlab/assets/open_models.json`` (``DATA``; shipped in
+the package, so the chapter and the explorers read it on Colab too): for each model, its
 release date, licence and published size, every fact with the URL it was read from, and the architecture values
 of its ``config.json``. This module turns those values into numbers the chapter can check: it builds each model
 with transformers' own classes on PyTorch's ``meta`` device (shapes only: no memory, no download), counts the
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from llmlab.memory import kv_cache_bytes
 
+DATA = Path(__file__).parent / "assets" / "open_models.json"  # every fact with the URL it was read from
 NOT_CHECKED = "not checked"
 # config.json keys that name the number of routed experts and the experts each token uses, by architecture
 EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")

