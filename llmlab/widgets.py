@@ -17,7 +17,6 @@ import html
 import io
 import math
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Callable
 
 import ipywidgets as W

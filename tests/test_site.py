@@ -38,6 +38,21 @@ def text_of(dom: str) -> str:
     return html.unescape(re.sub(r"<[^>]+>", " ", dom))
 
 
+HOST = "book/foundations/memory-and-compute.html"  # its <head> loads MathJax and the widget manager
+
+
+def render_on_host(body: str, name: str) -> str:
+    """``body`` rendered in one document under the host page's <head> (the site's own MathJax and widget
+    manager): one Chromium run for the content of many pages (a render per page costs a minute of CI)."""
+    head = (SITE / HOST).read_text().split("<body", 1)[0]
+    check = SITE / "book" / "foundations" / name
+    check.write_text(f"{head}<body>{body}</body></html>")
+    try:
+        return render(check.relative_to(SITE).as_posix())
+    finally:
+        check.unlink()
+
+
 @pytest.fixture(scope="module")
 def memory_page():
     return render("book/foundations/memory-and-compute.html")
@@ -84,9 +99,7 @@ def _pages_with_math():
 
 def _typeset_all(pages, extra: str = "") -> dict:
     """MathJax errors per page, from one Chromium run: every page's article (images and scripts left out) in one
-    document with the site's own MathJax set-up (a render per page costs a minute of CI)."""
-    host = "book/foundations/memory-and-compute.html"  # its <head> loads MathJax from ../../_static
-    head = (SITE / host).read_text().split("<body", 1)[0]
+    document with the site's own MathJax set-up."""
     sections = []
     for page in pages:
         article = re.search(r"<article.*?</article>", (SITE / page).read_text(), re.S).group(0)
@@ -94,12 +107,7 @@ def _typeset_all(pages, extra: str = "") -> dict:
         sections.append(f'<section data-math-page="{page}">{article}</section>')
     if extra:
         sections.append(f'<section data-math-page="extra"><article class="bd-article">{extra}</article></section>')
-    check = SITE / "book" / "foundations" / "_math_check.html"
-    check.write_text(f"{head}<body>{''.join(sections)}</body></html>")
-    try:
-        dom = render(check.relative_to(SITE).as_posix())
-    finally:
-        check.unlink()
+    dom = render_on_host("".join(sections), "_math_check.html")
     parts = re.split(r'<section data-math-page="([^"]+)">', dom)
     return {page: (_math_errors(body), "mjx-container" in body) for page, body in zip(parts[1::2], parts[2::2])}
 
@@ -145,8 +153,7 @@ def test_every_explorer_shows_its_controls_and_default_output_offline():
     """One Chromium run over one document holding every explorer page's stored widget state and views, loaded
     with the site's own widget manager (_static/widgets/embed.js): each explorer's box, its controls and its
     default output are drawn, and no script comes from another host."""
-    host = "book/foundations/memory-and-compute.html"
-    head = (SITE / host).read_text().split("<body", 1)[0]
+    head = (SITE / HOST).read_text().split("<body", 1)[0]
     assert re.search(r'<script src="[./]*_static/widgets/embed\.js', head), "the widget manager is not loaded"
     sections = []
     for page in EXPLORER_PAGES:
@@ -155,16 +162,11 @@ def test_every_explorer_shows_its_controls_and_default_output_offline():
         states = re.findall(r'<script type="application/vnd\.jupyter\.widget-state\+json">.*?</script>', source, re.S)
         views = re.findall(r'<script type="application/vnd\.jupyter\.widget-view\+json">.*?</script>', source, re.S)
         assert len(states) == 1 and len(views) == len(EXPLORER_PAGES[page]), (page, len(states), len(views))
-        if page != host:  # the host page's state is in its head already
+        if page != HOST:  # the host page's state is in its head already
             sections.append(states[0])
         sections.append(f'<section data-explorer-page="{page}">'
                         + "".join(f"<div>{v}</div>" for v in views) + "</section>")
-    check = SITE / "book" / "foundations" / "_widget_check.html"
-    check.write_text(f"{head}<body>{''.join(sections)}</body></html>")
-    try:
-        dom = render(check.relative_to(SITE).as_posix())
-    finally:
-        check.unlink()
+    dom = render_on_host("".join(sections), "_widget_check.html")
     parts = re.split(r'<section data-explorer-page="([^"]+)">', dom)
     shown = dict(zip(parts[1::2], parts[2::2]))
     assert sorted(shown) == sorted(EXPLORER_PAGES)
