@@ -125,7 +125,7 @@ def make_story(rng: random.Random, animal: str | None = None, place: str | None 
         f"Then {name} goes home. {Pron} is happy.",
         f"When the sun goes down, {name} goes home with the {thing}.",
         f"At night, {name} thinks about the {animal} and smiles.",
-        f"The end.",
+        "The end.",
     ]))
     return Story(" ".join(s), name, thing, color, place, animal)
 
@@ -441,3 +441,229 @@ def corpus_split(split: str, n_docs: int) -> list[str]:
     if split not in SPLIT_SEEDS:
         raise ValueError(f"split must be one of {list(SPLIT_SEEDS)}, got {split!r}")
     return pretraining_corpus(n_docs, seed=SPLIT_SEEDS[split])
+
+
+# -------------------------------------------------------------- reasoning --
+#
+# Tasks whose answer takes several steps, a step-by-step trace that shows them, and a
+# verifier that reads the final answer (chapter: Reasoning). Separate names from the
+# exact tasks above, with their own random streams: nothing above changes.
+
+REASONING_TASKS = ("add_carry", "chain")
+MARKER = "Answer:"  # the final-answer marker: the last line of every trace
+MAX_CHAIN = 40  # chain values stay in 0..40: " 0" to " 40" are single course tokens
+
+
+def _digits(n: int) -> str:
+    """``347`` as ``"3 4 7"``: the course tokenizer splits long numbers unevenly
+    (``" 34"``, ``"7"``) but has one token per spaced digit."""
+    return _spaced(str(n))
+
+
+def _chain_ops(rng: random.Random, start: int) -> list[tuple[str, int]]:
+    ops, value = [], start
+    for _ in range(rng.choice((2, 3))):
+        allowed = [op for op, ok in (("plus", value < MAX_CHAIN), ("minus", value > 0),
+                                     ("times", 2 * value <= MAX_CHAIN)) if ok]
+        op = rng.choice(allowed)
+        if op == "plus":
+            k = rng.randint(1, min(9, MAX_CHAIN - value))
+        elif op == "minus":
+            k = rng.randint(1, min(9, value))
+        else:
+            k = rng.choice([m for m in (2, 3) if m * value <= MAX_CHAIN])
+        value = _apply(value, op, k)
+        ops.append((op, k))
+    return ops
+
+
+def _apply(value: int, op: str, k: int) -> int:
+    return value + k if op == "plus" else value - k if op == "minus" else value * k
+
+
+_VERB = {"plus": "add {k}", "minus": "subtract {k}", "times": "multiply by {k}"}
+
+
+def make_reasoning_task(kind: str, rng: random.Random) -> Task:
+    """One task of ``kind`` (one of ``REASONING_TASKS``); its ``response`` is the
+    step-by-step trace and its ``answer`` the integer as digits (``"632"``).
+
+    * ``add_carry``: two 3-digit numbers with at least one carry, written as spaced
+      digits ("What is 3 4 7 plus 2 8 5?").
+    * ``chain``: a start number in 0..20, then 2 or 3 operations (add or subtract 1..9,
+      multiply by 2 or 3), every value in 0..40 ("Start with 7. Add 5, then ...").
+    """
+    if kind not in REASONING_TASKS:
+        raise ValueError(f"unknown reasoning kind {kind!r}; expected one of "
+                         f"{REASONING_TASKS}")
+    _check_rng(rng)
+    if kind == "add_carry":
+        while True:
+            a, b = rng.randint(100, 999), rng.randint(100, 999)
+            if any(_carries(a, b)):
+                break
+        prompt = f"What is {_digits(a)} plus {_digits(b)}?"
+        meta = {"a": a, "b": b}
+        answer = str(a + b)
+    else:
+        start = rng.randint(0, MAX_OPERAND)
+        ops = _chain_ops(rng, start)
+        steps = [_VERB[op].format(k=k) for op, k in ops]
+        said = steps[0].capitalize() + "".join(f", then {s}" for s in steps[1:])
+        prompt = f"Start with {start}. {said}. What is the result?"
+        meta = {"start": start, "ops": ops}
+        value = start
+        for op, k in ops:
+            value = _apply(value, op, k)
+        answer = str(value)
+    task = Task(kind, prompt, answer, "", meta)
+    task.response = reasoning_trace(task)
+    return task
+
+
+def _carries(a: int, b: int) -> list[int]:
+    """The carry out of each column of ``a + b``, ones first."""
+    out, carry = [], 0
+    while a or b:
+        carry = (a % 10 + b % 10 + carry) // 10
+        out.append(carry)
+        a, b = a // 10, b // 10
+    return out
+
+
+def _reasoning(task, name="task"):
+    if not isinstance(task, Task):
+        raise TypeError(f"{name} must be a llmlab.data.Task, got {type(task).__name__}")
+    if task.kind not in REASONING_TASKS:
+        raise ValueError(f"{name} must be a reasoning task {REASONING_TASKS}, "
+                         f"got kind {task.kind!r}")
+
+
+def reasoning_trace(task: Task) -> str:
+    """The full completion with a scratchpad: one line per step, then the marker line.
+
+    ``chain``: ``"7 plus 5 is 12.\\nThen 12 times 3 is 36.\\nAnswer: 36"`` (``Then``
+    keeps each number after a space, where the course tokenizer has one token for it).
+    ``add_carry``, column by column from the ones, the last column writing its carry::
+
+        7 plus 5 is 12. Write 2, carry 1.
+        4 plus 8 plus 1 is 13. Write 3, carry 1.
+        3 plus 2 plus 1 is 6. Write 6.
+        Answer: 6 3 2
+    """
+    _reasoning(task)
+    lines = []
+    if task.kind == "chain":
+        value = task.meta["start"]
+        for op, k in task.meta["ops"]:
+            new = _apply(value, op, k)
+            lines.append(f"{'Then ' if lines else ''}{value} {op} {k} is {new}.")
+            value = new
+    else:
+        a, b = str(task.meta["a"])[::-1], str(task.meta["b"])[::-1]
+        carry = 0
+        for i, (x, y) in enumerate(zip(a, b)):
+            total = int(x) + int(y) + carry
+            said = f"{x} plus {y}" + (" plus 1" if carry else "") + f" is {total}."
+            if i == len(a) - 1:
+                lines.append(f"{said} Write {_digits(total)}.")
+            else:
+                carry = total // 10
+                lines.append(f"{said} Write {total % 10}"
+                             + (", carry 1." if carry else "."))
+    return "\n".join(lines) + "\n" + direct_answer(task)
+
+
+def direct_answer(task: Task) -> str:
+    """The completion without a scratchpad, in the same format: the marker line only
+    (``"Answer: 6 3 2"``; chain answers are one token, ``"Answer: 32"``)."""
+    _reasoning(task)
+    value = int(task.answer)
+    return f"{MARKER} {_digits(value) if task.kind == 'add_carry' else value}"
+
+
+def reasoning_tasks(n: int, seed: int = 0, kinds=REASONING_TASKS,
+                    exclude=()) -> list[Task]:
+    """``n`` reasoning tasks, kinds in round-robin order, deterministic per seed (its
+    own random stream: ``instruction_tasks`` is unchanged). ``exclude``: tasks, pairs or
+    prompts to leave out, as in ``instruction_tasks`` (a held-out set). Chapter:
+    Reasoning."""
+    _check_count(n)
+    _check_seed(seed)
+    if isinstance(kinds, str):
+        raise TypeError("kinds must be a collection of kinds, not a single string")
+    kinds = tuple(kinds)
+    if not kinds or any(k not in REASONING_TASKS for k in kinds):
+        raise ValueError(f"kinds must be a non-empty subset of {REASONING_TASKS}, "
+                         f"got {kinds}")
+    seen = _prompts(exclude)
+    rng = random.Random(f"reasoning-{seed}")
+    tasks = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        for _ in range(10_000):
+            task = make_reasoning_task(kind, rng)
+            if task.prompt not in seen:
+                break
+        else:
+            raise ValueError(f"no {kind!r} task left whose prompt is not excluded")
+        tasks.append(task)
+    return tasks
+
+
+# the number after a marker: a sign, digits (single spaces between them allowed,
+# "3 2"), not followed by more digits or a decimal part; a trailing period is fine
+_FINAL = re.compile(
+    r"answer[ \t]*:[ \t]*([+-]?)[ \t]*(\d(?:[ \t]?\d)*)(?![ \t]?[.,]?\d)", re.IGNORECASE
+)
+_MARKERS = re.compile(r"answer[ \t]*:", re.IGNORECASE)
+_N = r"-?\d+"
+_STEP = re.compile(
+    rf"(?:Then )?{_N} (?:plus|minus|times) {_N} is {_N}\."  # chain
+    rf"|\d plus \d(?: plus 1)? is {_N}\. Write \d(?: \d)?(?:, carry 1)?\."  # add_carry
+)
+
+
+def _completion(completion):
+    if not isinstance(completion, str):
+        raise TypeError(f"completion must be a str, got {type(completion).__name__}")
+
+
+def extract_final_answer(completion: str) -> str | None:
+    """The integer after the LAST final-answer marker, as plain digits (``"632"``,
+    ``"-4"``), or None when there is no marker or no number right after the last one.
+
+    Tolerant of case and whitespace around the marker, spaced digits (``"6 3 2"``), a
+    leading sign and a trailing period; text after the number is ignored; a decimal
+    (``"3.5"``) is no integer answer. Chapter: Reasoning."""
+    _completion(completion)
+    markers = list(_MARKERS.finditer(completion))
+    if not markers:
+        return None
+    m = _FINAL.match(completion, markers[-1].start())
+    if not m:
+        return None
+    value = int(re.sub(r"\s", "", m[2]))
+    return str(-value if m[1] == "-" else value)
+
+
+def verify(task: Task, completion: str) -> bool:
+    """True when the final answer of ``completion`` is ``task``'s answer (the reward
+    for correctness in RL with verifiable rewards). Chapter: Reasoning."""
+    _reasoning(task)
+    _completion(completion)
+    return extract_final_answer(completion) == task.answer
+
+
+def format_reward(completion: str) -> float:
+    """1.0 when ``completion`` has the trace shape: one or more step lines as
+    ``reasoning_trace`` writes them, then exactly one marker line with a number and
+    nothing after it; else 0.0. Says nothing about correctness (``verify`` does): a
+    policy can earn it with wrong steps. Chapter: Reasoning (GRPO's format reward)."""
+    _completion(completion)
+    lines = [line.strip() for line in completion.strip().split("\n")]
+    if len(lines) < 2 or len(_MARKERS.findall(completion)) != 1:
+        return 0.0
+    last = _FINAL.match(lines[-1])
+    shaped = last and re.fullmatch(r"\.?", lines[-1][last.end():].strip())
+    return float(bool(shaped) and all(_STEP.fullmatch(s) for s in lines[:-1]))
