@@ -71,6 +71,167 @@ def wrap(tok):
     return fast
 
 
+# ------------------------------------------------- training chat templates --
+#
+# trl's `SFTTrainer(assistant_only_loss=True)` trains on the tokens that a template's
+# {% generation %} markers enclose. Hub templates rarely have them: SmolLM2's ChatML
+# template has none, and trl 1.16 (trl/trainer/sft_trainer.py, where it swaps in
+# `get_training_chat_template`) then raises "The chat template is not
+# training-compatible". `training_chat_template` returns a template that renders the
+# same text with the markers added, so only the assistant's own tokens are trained.
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+# Markers that name a template family in the error for templates we cannot rewrite.
+_TEMPLATE_FAMILIES = (
+    (IM_START, "ChatML (<|im_start|>role ... <|im_end|>)"),
+    ("<|start_header_id|>", "Llama 3 (<|start_header_id|>role<|end_header_id|>)"),
+    ("<start_of_turn>", "Gemma (<start_of_turn>role ... <end_of_turn>)"),
+    ("[INST]", "Llama 2 / Mistral ([INST] ... [/INST])"),
+    ("<|START_OF_TURN_TOKEN|>", "Cohere (<|START_OF_TURN_TOKEN|>)"),
+    ("<|user|>", "Zephyr / Phi-3 (<|user|> ... <|end|>)"),
+)
+
+# Conversations on which a rewritten template must render exactly what the original
+# renders, with and without a generation prompt: no system message (SmolLM2 then
+# injects its default one), a system message, several turns, and content with
+# quotes, braces, a newline and surrounding spaces (a template that trims or escapes
+# content is not plain ChatML).
+_PROBE_CONVERSATIONS = (
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": "What is 2 + 2?"},
+     {"role": "assistant", "content": "4"}],
+    [{"role": "system", "content": "Be brief."},
+     {"role": "user", "content": "Name a colour."},
+     {"role": "assistant", "content": "Blue."}],
+    [{"role": "system", "content": "You count."},
+     {"role": "user", "content": "One?"},
+     {"role": "assistant", "content": "Two."},
+     {"role": "user", "content": " It's {x}\n and \"y\" "},
+     {"role": "assistant", "content": " {% no %} 'z'\n"}],
+)
+
+
+def _template_family(template: str) -> str:
+    for marker, family in _TEMPLATE_FAMILIES:
+        if marker in template:
+            return family
+    return "an unrecognised family"
+
+
+def _chatml_block(role: str, content: str) -> str:
+    return f"{IM_START}{role}\n{content}{IM_END}\n"
+
+
+def _chatml_training_template(default_system: str) -> str:
+    """ChatML with {% generation %} around each assistant message's content and its
+    <|im_end|> (the model must learn to stop), and ``default_system`` (already a
+    rendered system block, or "") injected when the first message is not a system one.
+    """
+    inject = ""
+    if default_system:
+        inject = ("{% if loop.first and messages[0]['role'] != 'system' %}"
+                  "{{ " + repr(default_system) + " }}{% endif %}")
+    return (
+        "{% for message in messages %}" + inject
+        + "{% if message['role'] == 'assistant' %}"
+        "{{ '<|im_start|>assistant\\n' }}"
+        "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+        "{{ '\\n' }}"
+        "{% else %}"
+        "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] }}"
+        "{{ '<|im_end|>\\n' }}"
+        "{% endif %}"
+        "{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+
+
+def _render(tokenizer, template: str, messages, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt,
+        chat_template=template)
+
+
+def _chatml_rewrite(tokenizer, template: str) -> str:
+    """The ChatML training template for ``template``, checked to render the same text
+    on every probe conversation; ValueError when it cannot be."""
+    family = _template_family(template)
+    if IM_START not in template or IM_END not in template:
+        raise ValueError(
+            f"cannot make a training chat template: the tokenizer's template is "
+            f"{family}, which neither trl nor llmlab can add {{% generation %}} "
+            f"markers to; write one by hand (see llmlab.tokenization.CHAT_TEMPLATE)")
+    user_only = _PROBE_CONVERSATIONS[0]
+    try:
+        rendered = _render(tokenizer, template, user_only, False)
+        tail = _chatml_block("user", user_only[0]["content"])
+        if not rendered.endswith(tail):
+            raise ValueError(f"a user message renders as {rendered!r}")
+        candidate = _chatml_training_template(rendered[: -len(tail)])
+        for messages in _PROBE_CONVERSATIONS:
+            for prompt in (False, True):
+                want = _render(tokenizer, template, messages, prompt)
+                got = _render(tokenizer, candidate, messages, prompt)
+                if got != want:
+                    raise ValueError(
+                        f"{len(messages)} messages, add_generation_prompt={prompt}: "
+                        f"the template renders {want!r}, plain ChatML {got!r}")
+    except Exception as e:  # a template error or a mismatch: not plain ChatML
+        raise ValueError(
+            f"cannot make a training chat template: the tokenizer's template is "
+            f"{family} but not plain ChatML ({e}); write one by hand") from e
+    return candidate
+
+
+def training_chat_template(tokenizer) -> str:
+    """A chat template for ``tokenizer`` with ``{% generation %}`` markers, so that
+    trl's ``SFTTrainer(assistant_only_loss=True)`` and
+    ``apply_chat_template(..., return_assistant_tokens_mask=True)`` mark exactly the
+    assistant's tokens. Use it as ``tok.chat_template = training_chat_template(tok)``.
+
+    - the course tokenizer's template (``CHAT_TEMPLATE``) already has them: returned
+      unchanged, as is any template trl finds training-compatible;
+    - a template trl knows (Llama 3, Qwen, Gemma, Phi, ...): trl's own patched one,
+      from ``trl.chat_template_utils.get_training_chat_template``;
+    - a ChatML template (SmolLM2, ``<|im_start|>role\\n...<|im_end|>\\n``): the same
+      ChatML with each assistant message's content and its ``<|im_end|>`` inside the
+      markers, and the template's default system prompt (SmolLM2 injects one when the
+      conversation has none) kept; it is checked to render the same text as the
+      original on several conversations, with and without a generation prompt;
+    - anything else raises one ``ValueError`` naming the template's family.
+
+    A template shipped as named variants (a dict) is read through its ``default``
+    variant. Used by the fine-tuning and alignment labs and the chapter
+    *Preference optimisation with trl's trainers* (gpu profile, SmolLM2).
+    """
+    if not callable(getattr(tokenizer, "apply_chat_template", None)):
+        raise TypeError(f"tokenizer must be a transformers tokenizer or processor, got "
+                        f"{type(tokenizer).__name__}")
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        template = template.get("default")
+    if template is None:
+        raise ValueError("the tokenizer has no chat template (nor a 'default' variant)")
+    if not isinstance(template, str):
+        raise TypeError(f"tokenizer.chat_template must be a str or a dict of str, got "
+                        f"{type(template).__name__}")
+    if template == CHAT_TEMPLATE:
+        return template
+    try:
+        from trl.chat_template_utils import get_training_chat_template
+    except ImportError:  # trl is in the labs extra; without it, ChatML is still handled
+        get_training_chat_template = None
+    if get_training_chat_template is not None:
+        try:
+            patched = get_training_chat_template(tokenizer)
+        except ValueError:  # "not training-compatible and patching is not supported"
+            pass
+        else:
+            return template if patched is None else patched
+    return _chatml_rewrite(tokenizer, template)
+
+
 # ------------------------------------------------------------ BPE from scratch --
 #
 # The rest of this module is a byte-level BPE written out in full (in the spirit of Karpathy's minbpe), for the
