@@ -67,6 +67,148 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+# ------------------------------------------------------------ capabilities --
+#
+# What the GPU can do, checked before a lab uses it: a row that needs more prints one
+# skip line with the reason instead of failing. `torch.cuda.is_available()` alone says
+# too little: a Colab T4 (sm75) has CUDA but emulates bf16 and lacks the kernels of
+# torchao's int4 path. Chapter: Preface ("How to run this course") and the labs.
+
+# Minimum compute capability for each torchao int4 weight-only packing format.
+# - "plain", the default of `Int4WeightOnlyConfig()` (what lab 1 uses): torchao 0.18
+#   quantizes with mslk (torchao/quantization/quantize_/workflows/int4/
+#   int4_tensor.py:22-23 imports `mslk.quantize.shuffle.int4_row_quantize_zp`, and
+#   from_hp raises "Requires mslk >= 1.0.0" at :139-140 without it) and multiplies
+#   with `torch.ops.mslk.bf16i4bf16_rowwise`, a CUTLASS kernel built for
+#   `cutlass::arch::Sm90` (its FBGEMM original, pytorch/FBGEMM
+#   fbgemm_gpu/experimental/gen_ai/src/quantize/cutlass_extensions/
+#   bf16i4bf16_rowwise.cu); torchao's own tests of it skip below sm90
+#   (pytorch/ao test/quantization/quantize_/workflows/int4/test_int4_tensor.py,
+#   `skipIf(not is_sm_at_least_90())`). So sm90+ (H100), not sm80.
+# - "tile_packed_to_4d": the tinygemm kernel in PyTorch itself
+#   (`aten._weight_int4pack_mm`, aten/src/ATen/native/cuda/int4mm.cu compiles it for
+#   __CUDA_ARCH__ >= 800); torchao checks `get_device_capability()[0] >= 8` at
+#   torchao/quantization/quantize_/workflows/int4/int4_tile_packed_to_4d_tensor.py:124.
+#   No mslk needed: A100, L4 and newer.
+INT4_MIN_CAPABILITY = {"plain": (9, 0), "tile_packed_to_4d": (8, 0)}
+
+# vLLM's GPU requirement: "compute capability 7.5 or higher (e.g., T4, RTX20xx, A100,
+# L4, H100, B200, etc.)" (docs/getting_started/installation/gpu.cuda.inc.md, vLLM
+# v0.21.0 and main in 2026; earlier docs said 7.0). Turing runs its V1 engine on the
+# Triton attention backend (vllm-project/vllm PR 14071, tested on a T4) in float16:
+# a T4 has no native bf16, and vLLM casts bfloat16 checkpoints to float16 there.
+VLLM_MIN_CAPABILITY = (7, 5)
+
+
+def cuda_capability() -> tuple[int, int] | None:
+    """The CUDA device's compute capability, e.g. (7, 5) on a T4; None without CUDA.
+    The checks below and the labs' skip lines read it."""
+    if not has_cuda():
+        return None
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    return int(major), int(minor)
+
+
+def _sm(capability: tuple[int, int]) -> str:
+    return f"compute capability {capability[0]}.{capability[1]}"
+
+
+def bf16_supported() -> bool:
+    """Whether the GPU computes in bfloat16 natively (Ampere, sm80, and newer).
+
+    ``torch.cuda.is_bf16_supported()`` also says True on a T4 (sm75), where bf16 runs
+    emulated and slowly; ``including_emulation=False`` asks for native support only.
+    False on a CPU. Used by the fine-tuning and alignment labs through ``train_dtype``.
+    """
+    if not has_cuda():
+        return False
+    import torch
+
+    return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+
+
+def train_dtype():
+    """The dtype the labs train in: bfloat16 on a GPU with native bf16, float16 on
+    an older GPU (a T4), float32 on a CPU. Chapter: the fine-tuning and alignment labs.
+    """
+    import torch
+
+    if not has_cuda():
+        return torch.float32
+    return torch.bfloat16 if bf16_supported() else torch.float16
+
+
+def _mslk_int4_kernels() -> tuple[bool, str]:
+    """Whether torchao's plain int4 path finds its mslk kernels (as from_hp checks)."""
+    try:
+        import mslk  # noqa: F401
+    except ImportError:
+        return False, "the mslk package (torchao's int4 kernels) is not installed"
+    except Exception as e:  # noqa: BLE001 (a wheel built for another torch or CUDA)
+        return False, f"mslk fails to import: {type(e).__name__}: {e}"
+    try:
+        from torchao.quantization.quantize_.workflows.int4 import int4_tensor
+    except Exception as e:  # noqa: BLE001 (any import failure is a reason to skip)
+        return False, f"torchao's int4 module fails to import: {type(e).__name__}: {e}"
+    if int4_tensor.int4_row_quantize_zp is None:
+        return False, "torchao does not find mslk's int4 quantizer (needs mslk >= 1.0)"
+    return True, "mslk found"
+
+
+def int4_weight_only_supported(packing_format: str = "plain") -> tuple[bool, str]:
+    """Whether torchao's ``Int4WeightOnlyConfig(int4_packing_format=packing_format)``
+    can run here, and why not: ``(ok, reason)``, the reason fit for a one-line skip.
+
+    ``"plain"`` (torchao's default) needs sm90+ and the mslk package;
+    ``"tile_packed_to_4d"`` needs sm80+ (``INT4_MIN_CAPABILITY`` gives the sources).
+    Both take bfloat16 activations. Used by the quantization lab (lab 1).
+    """
+    if not isinstance(packing_format, str):
+        raise TypeError(f"packing_format must be a str, got "
+                        f"{type(packing_format).__name__}")
+    if packing_format not in INT4_MIN_CAPABILITY:
+        raise ValueError(f"unknown int4 packing format {packing_format!r}; "
+                         f"choose one of {sorted(INT4_MIN_CAPABILITY)}")
+    what = f"torchao int4 weight-only ({packing_format})"
+    capability = cuda_capability()
+    if capability is None:
+        return False, f"{what} needs a CUDA GPU; there is none here"
+    need = INT4_MIN_CAPABILITY[packing_format]
+    if capability < need:
+        return False, (f"{what} needs {_sm(need)} or higher; this GPU has "
+                       f"{_sm(capability)}")
+    if packing_format == "plain":
+        ok, why = _mslk_int4_kernels()
+        if not ok:
+            return False, f"{what}: {why}"
+    return True, f"{what} runs here ({_sm(capability)})"
+
+
+def vllm_supported() -> tuple[bool, str]:
+    """Whether vLLM can serve on this machine, and why not: ``(ok, reason)``.
+
+    Needs a CUDA GPU of compute capability 7.5 or higher (T4 and newer;
+    ``VLLM_MIN_CAPABILITY`` gives the source) and an importable ``vllm``. Its official
+    wheels are CUDA-only, so a CPU says no. Used by the inference-backends lab (lab 4).
+    """
+    capability = cuda_capability()
+    if capability is None:
+        return False, "vLLM needs a CUDA GPU; there is none here"
+    if capability < VLLM_MIN_CAPABILITY:
+        return False, (f"vLLM needs {_sm(VLLM_MIN_CAPABILITY)} or higher; this GPU "
+                       f"has {_sm(capability)}")
+    try:
+        import vllm
+    except ImportError:
+        return False, "vLLM is not installed (pip install vllm)"
+    except Exception as e:  # noqa: BLE001 (e.g. a wheel built against another torch)
+        return False, f"vLLM fails to import: {type(e).__name__}: {e}"
+    version = getattr(vllm, "__version__", "?")
+    return True, f"vLLM {version} runs here ({_sm(capability)})"
+
+
 def profile_name() -> str:
     """``LLMLAB_PROFILE`` if set, else ``gpu`` when CUDA is available, else ``cpu``."""
     name = os.environ.get("LLMLAB_PROFILE", "").strip().lower()
