@@ -199,6 +199,8 @@ def training_chat_template(tokenizer) -> str:
       markers, and the template's default system prompt (SmolLM2 injects one when the
       conversation has none) kept; it is checked to render the same text as the
       original on several conversations, with and without a generation prompt;
+    - no template at all, but ChatML's tokens in the vocabulary (a base model such as
+      SmolLM2-360M): plain ChatML with the markers;
     - anything else raises one ``ValueError`` naming the template's family.
 
     A template shipped as named variants (a dict) is read through its ``default``
@@ -212,7 +214,13 @@ def training_chat_template(tokenizer) -> str:
     if isinstance(template, dict):
         template = template.get("default")
     if template is None:
-        raise ValueError("the tokenizer has no chat template (nor a 'default' variant)")
+        # a base model's tokenizer may ship without a template (SmolLM2's base models
+        # have ChatML's tokens in their vocabulary all the same): plain ChatML then
+        vocab = getattr(tokenizer, "tokenizer", tokenizer).get_added_vocab()
+        if IM_START in vocab and IM_END in vocab:
+            return _chatml_training_template("")
+        raise ValueError("the tokenizer has no chat template (nor a 'default' variant) "
+                         "and no <|im_start|>/<|im_end|> tokens for ChatML")
     if not isinstance(template, str):
         raise TypeError(f"tokenizer.chat_template must be a str or a dict of str, got "
                         f"{type(template).__name__}")

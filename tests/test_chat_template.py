@@ -138,6 +138,18 @@ def test_course_template_and_templates_trl_knows(smollm2):
             == ctu.llama3_training_chat_template)
 
 
+def test_a_base_tokenizer_without_a_template_gets_plain_chatml(smollm2):
+    base = with_template(smollm2, None)  # as a base model's tokenizer may ship
+    template = tokenization.training_chat_template(base)
+    messages = CONVERSATIONS[1]
+    text = smollm2.apply_chat_template(messages, tokenize=False,
+                                       add_generation_prompt=True,
+                                       chat_template=template)
+    assert text == "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n"
+                           for m in messages) + "<|im_start|>assistant\n"
+    assert "{% generation %}" in template
+
+
 def test_chatml_without_trl(smollm2, template):
     with mock.patch.dict(sys.modules, {"trl.chat_template_utils": None}):
         assert tokenization.training_chat_template(smollm2) == template
@@ -153,7 +165,12 @@ def test_templates_it_cannot_rewrite_raise_one_clear_error(smollm2):
         "message['content']", "message['content'] | trim"))
     with pytest.raises(ValueError, match="ChatML .* but not plain ChatML"):
         tokenization.training_chat_template(trims)
-    with pytest.raises(ValueError, match="no chat template"):
-        tokenization.training_chat_template(with_template(smollm2, None))
+    from tokenizers import Tokenizer
+    from tokenizers.models import BPE
+
+    bare = tokenization.wrap(Tokenizer(BPE()))  # no ChatML tokens in its vocabulary
+    bare.chat_template = None
+    with pytest.raises(ValueError, match="no chat template .* no <\\|im_start\\|>"):
+        tokenization.training_chat_template(bare)
     with pytest.raises(TypeError, match="tokenizer must be"):
         tokenization.training_chat_template("HuggingFaceTB/SmolLM2-360M-Instruct")
