@@ -492,6 +492,8 @@ def make_reasoning_task(kind: str, rng: random.Random) -> Task:
       digits ("What is 3 4 7 plus 2 8 5?").
     * ``chain``: a start number in 0..20, then 2 or 3 operations (add or subtract 1..9,
       multiply by 2 or 3), every value in 0..40 ("Start with 7. Add 5, then ...").
+
+    Chapter: Reasoning.
     """
     if kind not in REASONING_TASKS:
         raise ValueError(f"unknown reasoning kind {kind!r}; expected one of "
@@ -550,6 +552,8 @@ def reasoning_trace(task: Task) -> str:
         4 plus 8 plus 1 is 13. Write 3, carry 1.
         3 plus 2 plus 1 is 6. Write 6.
         Answer: 6 3 2
+
+    Chapter: Reasoning (SFT on traces, and the shape ``format_reward`` asks for).
     """
     _reasoning(task)
     lines = []
@@ -576,7 +580,8 @@ def reasoning_trace(task: Task) -> str:
 
 def direct_answer(task: Task) -> str:
     """The completion without a scratchpad, in the same format: the marker line only
-    (``"Answer: 6 3 2"``; chain answers are one token, ``"Answer: 32"``)."""
+    (``"Answer: 6 3 2"``; chain answers are one token, ``"Answer: 32"``). Chapter:
+    Reasoning (the no-scratchpad baseline)."""
     _reasoning(task)
     value = int(task.answer)
     return f"{MARKER} {_digits(value) if task.kind == 'add_carry' else value}"
