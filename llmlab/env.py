@@ -3,6 +3,17 @@
 Every notebook calls ``llmlab.env.setup()`` first. All per-profile settings (model ids, steps, batch sizes,
 sequence lengths) live in ``PROFILES`` below and nowhere else, so one notebook runs unchanged on a laptop
 CPU (``cpu``) and on a Colab T4 or bigger GPU (``gpu``). Chapter: Preface ("How to run this course").
+
+Smoke override, ``LLMLAB_SMOKE=1`` (``smoke_enabled``, applied by ``smoke_profile``):
+with the ``gpu`` profile active (``LLMLAB_PROFILE=gpu``, or CUDA present),
+``get_profile()`` returns the gpu profile with its hub model ids replaced by the offline
+SmolLM2-135M-Instruct (``SMOKE_MODEL``, cached by ``make smollm2``), ``offline=True``,
+and steps, batch, sequence length, evaluation examples and new tokens capped at
+``SMOKE_SIZES``. Its name stays ``"gpu"``, so every ``profile.name == "gpu"`` branch
+runs as it does on Colab: the override changes model ids and sizes only, never which
+branches run. It lets a CPU execute the students' gpu path end to end, e.g.
+``LLMLAB_PROFILE=gpu LLMLAB_SMOKE=1 jupyter execute labs/02_finetuning.ipynb``.
+``LLMLAB_SMOKE`` unset, empty or ``0`` means off; the cpu profile ignores it.
 """
 from __future__ import annotations
 
@@ -220,14 +231,63 @@ def profile_name() -> str:
 
 
 def get_profile(name: str | None = None) -> Profile:
-    """The ``Profile`` named ``name`` (default: the one chosen by ``profile_name()``)."""
+    """The ``Profile`` named ``name`` (default: the one chosen by ``profile_name()``).
+
+    With ``LLMLAB_SMOKE=1`` the ``gpu`` profile comes through ``smoke_profile``."""
     if name is None:
         name = profile_name()
     if not isinstance(name, str):
         raise TypeError(f"profile name must be a str, got {type(name).__name__}")
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}; choose one of {sorted(PROFILES)}")
+    if name == "gpu" and smoke_enabled():
+        return smoke_profile(PROFILES[name])
     return PROFILES[name]
+
+
+# ------------------------------------------------------------------- smoke --
+
+SMOKE_ENV = "LLMLAB_SMOKE"
+# The only real model this machine reaches offline (llmlab.models.OFFLINE_MODELS; a
+# name, not an import: llmlab.models imports this module). It stands in for both of the
+# gpu profile's models although they differ: base_model is SmolLM2-360M-Instruct, but
+# sft_model is the BASE SmolLM2-360M (no instruction tuning). Same family, tokenizer and
+# chat template (ChatML, no {% generation %} markers), so the SFT code path is the same;
+# only "starts from a base model" is not reproduced.
+SMOKE_MODEL = "smollm2-135m-instruct"
+# Upper bounds on the sizes (each setting becomes min(gpu value, cap)). 4 steps, not
+# fewer: the labs derive step counts from train_steps (lab 2: 3/5 of it, lab 3's
+# alignment: 3/10), and each must stay at least 1.
+SMOKE_SIZES = {"train_steps": 4, "batch_size": 2, "seq_len": 128, "eval_examples": 8,
+               "max_new_tokens": 8}
+
+
+def smoke_enabled() -> bool:
+    """Whether the smoke override is on: ``LLMLAB_SMOKE`` is ``1`` (off when unset,
+    empty or ``0``; any other value raises a ValueError). Chapter: Preface ("How to
+    run this course"); CI runs the labs' gpu path with it."""
+    value = os.environ.get(SMOKE_ENV, "").strip()
+    if value in ("", "0"):
+        return False
+    if value == "1":
+        return True
+    raise ValueError(f"{SMOKE_ENV}={value!r} is not understood; set it to 1 (on) or "
+                     f"0 / unset (off)")
+
+
+def smoke_profile(p: Profile) -> Profile:
+    """The smoke override, which ``get_profile`` applies to the gpu profile when
+    ``LLMLAB_SMOKE=1``: a copy of ``p`` with ``base_model`` and ``sft_model`` set to
+    ``SMOKE_MODEL`` (the offline SmolLM2-135M-Instruct), ``offline=True`` and
+    ``train_steps``, ``batch_size``, ``seq_len``, ``eval_examples`` and
+    ``max_new_tokens`` capped at ``SMOKE_SIZES``. ``name``, ``dtype`` and
+    ``labs_gpu_gb`` stay as they are, so the labs take the same branches: model ids
+    and sizes change, nothing else. Chapter: Preface ("How to run this course")."""
+    if not isinstance(p, Profile):
+        raise TypeError(f"p must be a Profile, got {type(p).__name__}")
+    caps = {k: min(getattr(p, k), cap) for k, cap in SMOKE_SIZES.items()}
+    return replace(p, base_model=SMOKE_MODEL, sft_model=SMOKE_MODEL, offline=True,
+                   **caps)
 
 
 def set_offline(offline: bool = True) -> None:
@@ -294,7 +354,11 @@ def setup(seed: int = 0, threads: int | None = None, profile: str | None = None,
     set_seed(seed, threads)
     use_book_style()  # figures sized for the book's column, stored hi-dpi (llmlab.display)
     if not quiet:
-        print(f"llmlab profile: {p.name} | base model: {p.base_model} | offline: {is_offline()} | seed: {seed}")
+        smoke = ""
+        if p.name == "gpu" and smoke_enabled():
+            smoke = f" | smoke: {SMOKE_ENV}=1"
+        print(f"llmlab profile: {p.name} | base model: {p.base_model} | "
+              f"offline: {is_offline()} | seed: {seed}{smoke}")
     return p
 
 
