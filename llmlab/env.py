@@ -330,7 +330,10 @@ def set_seed(seed: int = 0, threads: int | None = None) -> None:
 def setup(seed: int = 0, threads: int | None = None, profile: str | None = None, quiet: bool = False) -> Profile:
     """Start of every notebook: choose the profile, go offline on ``cpu``, seed everything, set threads.
 
-    On ``cpu`` the thread count defaults to 1 so that outputs and timings are reproducible."""
+    On ``cpu`` the thread count defaults to 1 so that outputs and timings are
+    reproducible; so it does under the smoke override (``LLMLAB_SMOKE=1``) without
+    CUDA, where CI runs notebooks side by side on few cores (oversubscribed threads
+    make timings erratic)."""
     import logging
 
     p = get_profile(profile)
@@ -351,6 +354,8 @@ def setup(seed: int = 0, threads: int | None = None, profile: str | None = None,
         if threads is None:
             threads = 1
         _quiet_loading()
+    elif threads is None and smoke_enabled() and not has_cuda():
+        threads = 1
     set_seed(seed, threads)
     use_book_style()  # figures sized for the book's column, stored hi-dpi (llmlab.display)
     if not quiet:

@@ -54,7 +54,8 @@ def test_cpu_profile_ignores_smoke(monkeypatch):
 
 def test_setup_names_the_override(monkeypatch, capsys):
     # these import torch, transformers and matplotlib (seconds); not under test here
-    monkeypatch.setattr(env, "set_seed", lambda seed, threads: None)
+    seeded = []
+    monkeypatch.setattr(env, "set_seed", lambda seed, threads: seeded.append(threads))
     monkeypatch.setattr(env, "use_book_style", lambda: None)
     monkeypatch.setattr(env, "_quiet_loading", lambda: None)
     monkeypatch.setattr(env, "has_cuda", lambda: False)
@@ -67,6 +68,7 @@ def test_setup_names_the_override(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert p.name == "gpu" and env.is_offline()
     assert f"base model: {env.SMOKE_MODEL}" in out and "smoke: LLMLAB_SMOKE=1" in out
+    assert seeded == [1], "one thread on a CPU, as the cpu profile"
     monkeypatch.setenv("LLMLAB_SMOKE", "0")
     monkeypatch.setenv("LLMLAB_PROFILE", "cpu")
     env.setup(profile="cpu")
