@@ -9,11 +9,15 @@ Chapter: Reasoning (test-time compute and RL with verifiable rewards). Two halve
   ``group_advantages`` and ``zero_std_share``, the per-token ``completion_logps`` of a
   model, the clipped objective ``grpo_loss`` with its four aggregations (sequence mean
   "grpo", "bnpo", Dr. GRPO's constant normaliser, DAPO's token-level mean) and the
-  health metrics trl logs, and Schulman's KL estimators ``kl_estimators``.
+  health metrics trl logs, and Schulman's KL estimators ``kl_estimators``; and
+  ``GRPO``, the loop that ties them together (sample a group per prompt with
+  ``llmlab.align.sample``, score with any verifier, update, report the health signals).
 
 The tests check every GRPO piece against trl 1.16's ``GRPOTrainer`` on the same batch
-(losses and metrics to 1e-6), and pass@k against exact combinatorics. Nothing here
-knows about tasks: the functions take counts, answers, rewards and log-probabilities.
+(losses and metrics to 1e-6), and pass@k against exact combinatorics; the loop is
+checked against those pieces recomputed from outside (tests/test_grpo_loop.py).
+Nothing here knows about tasks: the functions take counts, answers, rewards and
+log-probabilities, and the loop takes reward functions of (prompt, completion) text.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from typing import NamedTuple
 
 import torch
 
+from llmlab.align import frozen_copy, sample
 from llmlab.evaluate import bootstrap_interval
 
 SCALES = ("group", "batch", "none")
@@ -417,3 +422,258 @@ def grpo_loss(logps, old_logps, advantages, mask, *, loss_type: str = "grpo",
         if entropies is not None:
             metrics["entropy"] = mean(entropies)
     return GRPOLoss(loss, metrics)
+
+
+# ------------------------------------------------------------ GRPO trainer --
+
+def _reward_functions(reward_fns, reward_weights):
+    """``(functions, names, weights)`` from a callable or a list, as trl takes them."""
+    fns = [reward_fns] if callable(reward_fns) else reward_fns
+    if isinstance(fns, (str, bytes)) or not isinstance(fns, Sequence):
+        raise TypeError(f"reward_fns must be a callable or a list of callables, "
+                        f"got {type(reward_fns).__name__}")
+    fns = list(fns)
+    if not fns:
+        raise ValueError("reward_fns is empty")
+    for f in fns:
+        if not callable(f):
+            raise TypeError(f"reward functions must be callable, "
+                            f"got {type(f).__name__}")
+    names = [getattr(f, "__name__", type(f).__name__) for f in fns]
+    names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+    if reward_weights is None:
+        weights = [1.0] * len(fns)
+    else:
+        weights = [_number(w, "reward_weights", -math.inf)
+                   for w in _list(reward_weights, "reward_weights")]
+        if len(weights) != len(fns):
+            raise ValueError(f"{len(weights)} reward_weights for {len(fns)} reward "
+                             f"functions")
+    return fns, names, torch.tensor(weights)
+
+
+def _tempered(model, temperature):
+    """``model`` with its logits divided by ``temperature``, for ``align.sample``."""
+    if temperature == 1.0:
+        return model
+
+    def forward(**kwargs):
+        return _Logits(model(**kwargs).logits / temperature)
+    return forward
+
+
+class _Logits(NamedTuple):
+    logits: torch.Tensor
+
+
+class GRPO:
+    """GRPO on a causal LM: ``step(prompts)`` samples a group of completions per
+    prompt, scores them, and makes one update with ``grpo_loss``.
+
+    Chapter: Reasoning (test-time compute and RL with verifiable rewards). The loop
+    trl's ``GRPOTrainer`` runs, written out on one process. ``reward_fns`` is one
+    function ``reward_fn(prompt_text, completion_text) -> float`` (a verifier) or a
+    list of them; their rewards are weighted by ``reward_weights`` and summed, as trl
+    does (``None`` from every function marks an unscorable completion: advantage 0).
+    ``tokenizer`` needs ``encode(text) -> ids`` and ``decode(ids,
+    skip_special_tokens=True)``, ``eos_token_id`` and ``pad_token_id`` (or EOS).
+
+    Each step: prompts are left-padded and repeated ``group_size`` times; completions
+    are sampled with ``llmlab.align.sample`` (model in eval mode, no gradients, logits
+    divided by ``temperature``; a row stops after its EOS, which counts as a token);
+    rewards -> ``group_advantages`` (``scale``); when ``num_iterations > 1`` the
+    sampling policy's log-probs ("old") are kept, and with ``beta > 0`` the reference's;
+    then ``num_iterations`` updates on the same completions (the first has ratio 1) with
+    ``grpo_loss`` (``loss_type``, ``epsilon_low``/``epsilon_high``), each an Adam step
+    after clipping the gradient norm to ``max_grad_norm``. The reference model is a
+    ``frozen_copy`` of the model (or ``ref_model``), made only when ``beta > 0``.
+    Defaults are trl 1.16's (lr 1e-6, beta 0, DAPO's loss, group scaling), except
+    ``max_new_tokens=16`` and ``group_size=8`` (trl's ``num_generations``). Sampling
+    draws from a generator seeded with ``seed``: runs repeat exactly on one machine.
+    ``last_batch`` holds the tensors of the last update (to recompute its loss).
+    """
+
+    def __init__(self, model, tokenizer, reward_fns, *, reward_weights=None,
+                 ref_model=None, group_size: int = 8, lr: float = 1e-6,
+                 beta: float = 0.0, epsilon_low: float = 0.2,
+                 epsilon_high: float = 0.2, loss_type: str = "dapo",
+                 scale: str = "group", max_new_tokens: int = 16,
+                 temperature: float = 1.0, num_iterations: int = 1,
+                 max_grad_norm: float = 1.0, seed: int = 0):
+        if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+            raise TypeError(f"model must be a transformers causal LM, "
+                            f"got {type(model).__name__}")
+        for attr in ("encode", "decode"):
+            if not callable(getattr(tokenizer, attr, None)):
+                raise TypeError(f"tokenizer needs an {attr} method, "
+                                f"got {type(tokenizer).__name__}")
+        if getattr(tokenizer, "eos_token_id", None) is None:
+            raise ValueError("tokenizer has no eos_token_id: completions could not end")
+        self.reward_fns, self.reward_names, self.reward_weights = _reward_functions(
+            reward_fns, reward_weights)
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, "
+                             f"got {loss_type!r}")
+        if scale not in SCALES:
+            raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+        for v, name in ((lr, "lr"), (temperature, "temperature"),
+                        (max_grad_norm, "max_grad_norm")):
+            if _number(v, name) == 0:
+                raise ValueError(f"{name} must be > 0")
+        self.model, self.tokenizer = model, tokenizer
+        self.group_size = _int(group_size, "group_size", 2)
+        self.beta = _number(beta, "beta")
+        self.epsilon_low = _number(epsilon_low, "epsilon_low")
+        self.epsilon_high = _number(epsilon_high, "epsilon_high")
+        if self.epsilon_low >= 1:
+            raise ValueError(f"epsilon_low must be < 1, got {epsilon_low}")
+        self.loss_type, self.scale = loss_type, scale
+        self.max_new_tokens = _int(max_new_tokens, "max_new_tokens", 1)
+        self.temperature = float(temperature)
+        self.num_iterations = _int(num_iterations, "num_iterations", 1)
+        self.max_grad_norm = float(max_grad_norm)
+        self.eos_token_id = tokenizer.eos_token_id
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_token_id = self.eos_token_id if pad is None else pad
+        self.ref_model = None
+        if self.beta > 0:
+            ref = frozen_copy(model) if ref_model is None else ref_model
+            self.ref_model = ref.eval().requires_grad_(False)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=float(lr))
+        device = next(model.parameters()).device
+        self.generator = torch.Generator(device).manual_seed(_int(seed, "seed"))
+        self.last_batch: dict = {}
+
+    def _encode(self, prompts):
+        """Left-padded ``(ids, mask)`` for a list of prompt strings."""
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise TypeError(f"prompts must be a list of strings, "
+                            f"got {type(prompts).__name__}")
+        if not prompts:
+            raise ValueError("prompts is empty")
+        rows = []
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str):
+                raise TypeError(f"prompts must be strings, prompt {i} is "
+                                f"{type(p).__name__}")
+            ids = list(self.tokenizer.encode(p))
+            if not p or not ids:
+                raise ValueError(f"prompt {i} is empty")
+            rows.append(ids)
+        width = max(map(len, rows))
+        device = next(self.model.parameters()).device
+        ids = torch.tensor([[self.pad_token_id] * (width - len(r)) + r for r in rows],
+                           device=device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows],
+                            device=device)
+        return ids, mask
+
+    def _score(self, prompts, completions):
+        """``(len(completions), n_functions)`` rewards; None -> NaN."""
+        table = torch.full((len(completions), len(self.reward_fns)), math.nan)
+        pairs = zip(self.reward_fns, self.reward_names, strict=True)
+        for j, (fn, name) in enumerate(pairs):
+            for i, (p, c) in enumerate(zip(prompts, completions, strict=True)):
+                r = fn(p, c)
+                if r is None:
+                    continue
+                if isinstance(r, bool) or not isinstance(r, Real):
+                    raise TypeError(f"reward function {name} must return a number or "
+                                    f"None, got {type(r).__name__} ({r!r})")
+                if not math.isfinite(r):
+                    raise ValueError(f"reward function {name} returned {r}; return "
+                                     f"None for a completion it cannot score")
+                table[i, j] = float(r)
+        return table
+
+    def rollout(self, prompts) -> dict:
+        """Sample ``group_size`` completions per prompt and score them: no update.
+
+        Returns the tensors the update needs (``prompt_ids``, ``prompt_mask``,
+        ``completion_ids``, ``completion_mask``, ``rewards``, ``advantages``,
+        ``old_logps``, ``ref_logps``; the last two None when not needed), the texts
+        (``prompts``, ``completions``) and ``metrics`` (see ``step``).
+        """
+        prompt_ids, prompt_mask = self._encode(prompts)
+        g = self.group_size
+        prompt_ids = prompt_ids.repeat_interleave(g, 0)
+        prompt_mask = prompt_mask.repeat_interleave(g, 0)
+        training = self.model.training
+        self.model.eval()
+        completion_ids, completion_mask = sample(
+            _tempered(self.model, self.temperature), prompt_ids, prompt_mask,
+            self.max_new_tokens, self.eos_token_id, self.pad_token_id, self.generator)
+        completion_mask = completion_mask.long()
+        texts = [self.tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
+                 for row, m in zip(completion_ids, completion_mask, strict=True)]
+        repeated = [p for p in prompts for _ in range(g)]
+        per_func = self._score(repeated, texts)
+        unscorable = torch.isnan(per_func).all(1)
+        rewards = (per_func * self.reward_weights).nansum(1)
+        rewards[unscorable] = math.nan
+        advantages = group_advantages(rewards, g, self.scale)
+        args = (prompt_ids, prompt_mask, completion_ids, completion_mask,
+                self.temperature)
+        with torch.no_grad():
+            old = completion_logps(self.model, *args) if self.num_iterations > 1 \
+                else None
+            ref = completion_logps(self.ref_model, *args) if self.beta > 0 else None
+        self.model.train(training)
+
+        lengths = completion_mask.sum(1).float()
+        ended = ((completion_ids == self.eos_token_id) & completion_mask.bool()).any(1)
+        metrics = {"reward": torch.nanmean(rewards).item(),
+                   "reward_std": _nanstd(rewards).item(),
+                   "frac_reward_zero_std": zero_std_share(rewards, g)}
+        for j, name in enumerate(self.reward_names):
+            metrics[f"rewards/{name}/mean"] = torch.nanmean(per_func[:, j]).item()
+            metrics[f"rewards/{name}/std"] = _nanstd(per_func[:, j]).item()
+        metrics.update({"completions/mean_length": lengths.mean().item(),
+                        "completions/max_length": lengths.max().item(),
+                        "completions/clipped_ratio": (~ended).float().mean().item()})
+        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+                "completion_ids": completion_ids, "completion_mask": completion_mask,
+                "rewards": rewards, "advantages": advantages, "old_logps": old,
+                "ref_logps": ref, "prompts": repeated, "completions": texts,
+                "metrics": metrics}
+
+    def step(self, prompts) -> dict:
+        """One GRPO iteration on a list of prompt strings; returns its health signals.
+
+        The signals people check when "the reward does not go up" (trl's names):
+        ``reward`` and ``reward_std`` (weighted sum, over all completions),
+        ``rewards/<name>/mean`` and ``/std`` per reward function,
+        ``frac_reward_zero_std`` (groups that teach nothing), ``entropy`` (mean over
+        completion tokens; a collapse means the policy stopped exploring),
+        ``clip_ratio/...`` (nonzero only from the second of ``num_iterations``
+        updates), ``kl`` to the reference (only when ``beta > 0``),
+        ``completions/mean_length`` and ``max_length`` (tokens, EOS included) and
+        ``completions/clipped_ratio`` (the share that hit ``max_new_tokens`` without
+        EOS: truncated), plus ``loss`` and ``grad_norm`` (before clipping). Loss,
+        clip ratios, KL, entropy and grad norm are those of the last update.
+        """
+        batch = self.rollout(prompts)
+        args = (batch["prompt_ids"], batch["prompt_mask"], batch["completion_ids"],
+                batch["completion_mask"], self.temperature)
+        training = self.model.training
+        self.model.train()
+        for _ in range(self.num_iterations):
+            logps, entropies = completion_logps(self.model, *args, entropy=True)
+            old = logps.detach() if batch["old_logps"] is None else batch["old_logps"]
+            out = grpo_loss(logps, old, batch["advantages"], batch["completion_mask"],
+                            loss_type=self.loss_type, epsilon_low=self.epsilon_low,
+                            epsilon_high=self.epsilon_high, beta=self.beta,
+                            ref_logps=batch["ref_logps"],
+                            max_completion_length=self.max_new_tokens,
+                            entropies=entropies.detach())
+            self.optimizer.zero_grad()
+            out.loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            self.optimizer.step()
+        self.model.train(training)
+        self.last_batch = {**{k: v for k, v in batch.items() if k != "metrics"},
+                           "logps": logps.detach(), "old_logps": old.detach(),
+                           "loss": out.loss.detach()}
+        return {**batch["metrics"], **out.metrics, "loss": out.loss.item(),
+                "grad_norm": grad_norm.item()}
