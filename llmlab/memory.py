@@ -181,6 +181,70 @@ def estimate_training_memory(n_params, shape: Shape | None = None, batch_size=1,
     )
 
 
+RL_METHODS = ("sft", "dpo", "ppo", "grpo")
+
+
+def rl_training_memory(method: str, n_params, bits=16, optimizer="adamw", *,
+                       beta=None, reward_params=None, value_params=None,
+                       shape: Shape | None = None, batch_size=1, seq_len=512,
+                       checkpointing=False) -> dict:
+    """GB held by the models a fine-tuning method keeps in memory, per model and total.
+
+    Chapter: Reasoning (test-time compute and RL with verifiable rewards); it builds on
+    Memory and compute. Each trained model is priced by ``estimate_training_memory``
+    (weights at ``bits``, gradients, ``optimizer`` states, activations when ``shape``
+    is given), each frozen one by ``estimate_inference_memory`` with no overhead (its
+    weights). Per method:
+
+    * "sft" - the policy, trained;
+    * "dpo" - the policy and a frozen reference; a chosen and a rejected sequence per
+      pair, so activations for ``2 * batch_size`` sequences;
+    * "ppo" - the policy, a frozen reference (for the KL penalty; dropped at
+      ``beta=0``), a frozen reward model (``reward_params``, default ``n_params``) and
+      a trained value model (``value_params``, default ``n_params``, priced with
+      ``shape``: same architecture) - four models, two of them with optimizer states;
+    * "grpo" - the policy and, while ``beta > 0`` (DeepSeekMath used 0.04; trl 1.16's
+      default is 0), the reference; no value model (the group mean is the baseline)
+      and a verifier for reward (0 GB unless ``reward_params`` names a reward model).
+      ``batch_size`` counts completions: prompts times the group size.
+
+    ``beta=None`` keeps the reference where the method has one. A lower bound: the
+    frozen models' activations, the KV cache of generation and the CUDA context are
+    left out. Returns ``{"policy", "reference", "reward_model", "value_model",
+    "total"}`` in GB.
+    """
+    if method not in RL_METHODS:
+        raise ValueError(f"method must be one of {RL_METHODS}, got {method!r}")
+    if beta is not None:
+        _number(beta, "beta", positive=False)
+        if method == "sft":
+            raise ValueError("sft has no reference model: leave beta as None")
+        if method == "dpo" and beta == 0:
+            raise ValueError("dpo needs beta > 0: its loss is relative to the "
+                             "reference")
+    if reward_params is not None and method not in ("ppo", "grpo"):
+        raise ValueError(f"{method} uses no reward model: leave reward_params as None")
+    if value_params is not None and method != "ppo":
+        raise ValueError(f"only ppo has a value model, not {method}")
+    sequences = 2 * batch_size if method == "dpo" else batch_size
+    policy = estimate_training_memory(n_params, shape, sequences, seq_len, optimizer,
+                                      weight_bits=bits, checkpointing=checkpointing)
+    gb = {"policy": policy.total / GB, "reference": 0.0, "reward_model": 0.0,
+          "value_model": 0.0}
+    if method != "sft" and beta != 0:
+        gb["reference"] = estimate_inference_memory(n_params, bits, overhead=0)
+    if method == "ppo" or reward_params is not None:
+        reward = n_params if reward_params is None else reward_params
+        gb["reward_model"] = estimate_inference_memory(reward, bits, overhead=0)
+    if method == "ppo":
+        value = n_params if value_params is None else value_params
+        gb["value_model"] = estimate_training_memory(
+            value, shape, batch_size, seq_len, optimizer, weight_bits=bits,
+            checkpointing=checkpointing).total / GB
+    gb["total"] = sum(gb.values())
+    return gb
+
+
 @dataclass(frozen=True)
 class Fit:
     """The answer of ``fits``: usable as a bool, with the numbers and a one-line reason."""

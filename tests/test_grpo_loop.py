@@ -1,4 +1,5 @@
-"""llmlab.reasoning.GRPO, the training loop, on the course model.
+"""llmlab.reasoning.GRPO, the training loop, on the course model; and
+llmlab.memory.rl_training_memory.
 
 The loop's pieces (group_advantages, completion_logps, grpo_loss) are checked against
 trl in test_reasoning.py; here the loop itself: it learns a verifiable reward, a group
@@ -11,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from llmlab import memory as M
 from llmlab import reasoning as R
 
 PROMPTS = ["Mia has a", "Sam has a", "Tom has a", "Lily has a"]
@@ -225,3 +227,50 @@ def test_unscorable_completions_get_no_advantage(model_tok):
         PROMPTS[:2])
     assert torch.isnan(batch["rewards"][4:]).all() and not batch["advantages"][4:].any()
     assert batch["metrics"]["reward"] == pytest.approx(batch["rewards"][:4].mean())
+
+
+# ----------------------------------------------------------------- memory --
+
+def test_rl_memory_counts_the_models_each_method_keeps():
+    n, gb = 7e9, M.GB
+    shape = M.Shape(4096, 11008, 32, 32, 32, 32000)  # Llama-2-7B
+    frozen = M.estimate_inference_memory(n, 16, overhead=0)
+    for sh, batch, seq in ((None, 1, 512), (shape, 4, 256)):
+        kw = {"shape": sh, "batch_size": batch, "seq_len": seq}
+        policy, pair = (M.estimate_training_memory(n, sh, b, seq, "adamw",
+                                                   weight_bits=16).total / gb
+                        for b in (batch, 2 * batch))  # DPO: chosen and rejected
+        got = {m: M.rl_training_memory(m, n, **kw) for m in M.RL_METHODS}
+        assert got["sft"]["total"] == pytest.approx(policy)
+        assert got["dpo"]["total"] == pytest.approx(pair + frozen)
+        assert got["grpo"]["total"] == pytest.approx(policy + frozen)
+        assert got["ppo"]["total"] == pytest.approx(2 * policy + 2 * frozen)
+        assert got["ppo"]["value_model"] == pytest.approx(got["ppo"]["policy"])
+        for m in got.values():
+            parts = m["policy"] + m["reference"] + m["reward_model"] + m["value_model"]
+            assert m["total"] == pytest.approx(parts)
+    # 7B in 16-bit with AdamW, weights and states only: 12 bytes per trained parameter
+    assert M.rl_training_memory("grpo", n)["total"] == pytest.approx(98)
+    assert M.rl_training_memory("ppo", n)["total"] == pytest.approx(196)
+    no_ref = M.rl_training_memory("grpo", n, beta=0)
+    assert no_ref["reference"] == 0 and no_ref["total"] == pytest.approx(84)
+    assert M.rl_training_memory("ppo", n, beta=0)["total"] == pytest.approx(182)
+    rm = M.rl_training_memory("grpo", n, reward_params=1e9)  # a learned reward model
+    assert rm["reward_model"] == pytest.approx(2) and rm["total"] == pytest.approx(100)
+    small = M.rl_training_memory("ppo", n, reward_params=1e9, value_params=1e9)
+    assert small["total"] == pytest.approx(84 + 14 + 2 + 12)
+
+
+@pytest.mark.parametrize("args, kwargs, error", [
+    (("rlhf", 7e9), {}, ValueError), (("grpo", "7B"), {}, TypeError),
+    (("grpo", 7e9, 4), {}, ValueError),  # full training needs >= 16-bit weights
+    (("grpo", 7e9), {"optimizer": "lion"}, ValueError),
+    (("grpo", 7e9), {"beta": -1}, ValueError),
+    (("sft", 7e9), {"beta": 0.1}, ValueError),
+    (("dpo", 7e9), {"beta": 0}, ValueError),
+    (("dpo", 7e9), {"reward_params": 1e9}, ValueError),
+    (("grpo", 7e9), {"value_params": 1e9}, ValueError),
+])
+def test_rl_memory_rejects_bad_input(args, kwargs, error):
+    with pytest.raises(error):
+        M.rl_training_memory(*args, **kwargs)
