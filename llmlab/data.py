@@ -617,9 +617,13 @@ def reasoning_tasks(n: int, seed: int = 0, kinds=REASONING_TASKS,
 
 
 # the number after a marker: a sign, digits (single spaces between them allowed,
-# "3 2"), not followed by more digits or a decimal part; a trailing period is fine
+# "3 2"), not followed by more digits or a decimal part, by a letter ("632e3",
+# "0x632") or by an operator ("632 - 100", "632/2"); a trailing period or words
+# after a space are fine ("12 apples")
 _FINAL = re.compile(
-    r"answer[ \t]*:[ \t]*([+-]?)[ \t]*(\d(?:[ \t]?\d)*)(?![ \t]?[.,]?\d)", re.IGNORECASE
+    r"answer[ \t]*:[ \t]*([+-]?)[ \t]*(\d(?:[ \t]?\d)*)"
+    r"(?![ \t]?[.,]?\d)(?!\w)(?![ \t]*[-+*/^=%×÷])",
+    re.IGNORECASE,
 )
 _MARKERS = re.compile(r"answer[ \t]*:", re.IGNORECASE)
 _N = r"-?\d+"
@@ -639,8 +643,9 @@ def extract_final_answer(completion: str) -> str | None:
     ``"-4"``), or None when there is no marker or no number right after the last one.
 
     Tolerant of case and whitespace around the marker, spaced digits (``"6 3 2"``), a
-    leading sign and a trailing period; text after the number is ignored; a decimal
-    (``"3.5"``) is no integer answer. Chapter: Reasoning."""
+    leading sign and a trailing period; words after the number are ignored; a decimal
+    (``"3.5"``), a number run into letters (``"632e3"``) or followed by an operator
+    (``"632 - 100"``) is no integer answer. Chapter: Reasoning."""
     _completion(completion)
     markers = list(_MARKERS.finditer(completion))
     if not markers:
@@ -648,8 +653,9 @@ def extract_final_answer(completion: str) -> str | None:
     m = _FINAL.match(completion, markers[-1].start())
     if not m:
         return None
-    value = int(re.sub(r"\s", "", m[2]))
-    return str(-value if m[1] == "-" else value)
+    # compared as digit strings, never int(): a model may write thousands of digits
+    digits = re.sub(r"\s", "", m[2]).lstrip("0") or "0"
+    return "-" + digits if m[1] == "-" and digits != "0" else digits
 
 
 def verify(task: Task, completion: str) -> bool:

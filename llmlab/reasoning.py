@@ -4,7 +4,7 @@ Chapter: Reasoning (test-time compute and RL with verifiable rewards). Two halve
 
 * spending compute at test time - ``pass_at_k`` (the unbiased estimator of Chen et al.
   2021) and ``mean_pass_at_k`` over many problems with a bootstrap interval,
-  ``majority_vote`` (self-consistency, Wang et al. 2022) and ``best_of_n``;
+  ``majority_vote`` (self-consistency, Wang et al. 2023) and ``best_of_n``;
 * spending it at training time - GRPO (Shao et al. 2024) written out:
   ``group_advantages`` and ``zero_std_share``, the per-token ``completion_logps`` of a
   model, the clipped objective ``grpo_loss`` with its four aggregations (sequence mean
@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-from llmlab.align import frozen_copy, sample
+from llmlab.align import _masked_mean, frozen_copy, sample
 from llmlab.evaluate import bootstrap_interval
 
 SCALES = ("group", "batch", "none")
@@ -118,8 +118,10 @@ def mean_pass_at_k(counts, n, k: int, confidence: float = 0.95,
     "n"}`` (``n``: problems), the interval from ``llmlab.evaluate.bootstrap_interval``.
     """
     counts = _list(counts, "counts")
-    ns = [n] * len(counts) if isinstance(n, int) and not isinstance(n, bool) \
-        else _list(n, "n")
+    if isinstance(n, (int, float)) and not isinstance(n, bool):
+        ns = [_int(n, "n", 1)] * len(counts)  # a float n gets one clear TypeError
+    else:
+        ns = _list(n, "n")
     if len(ns) != len(counts):
         raise ValueError(f"n has {len(ns)} entries for {len(counts)} counts")
     values = [pass_at_k(ni, ci, k) for ni, ci in zip(ns, counts)]
@@ -130,16 +132,19 @@ def mean_pass_at_k(counts, n, k: int, confidence: float = 0.95,
 
 
 def majority_vote(answers):
-    """The most frequent non-None answer (self-consistency, Wang et al. 2022).
+    """The most frequent non-None answer (self-consistency, Wang et al. 2023).
 
     Chapter: Reasoning (test-time compute and RL with verifiable rewards). ``None``
     marks a sample whose answer could not be extracted; it never wins. Ties go to the
-    answer seen first, so the vote is deterministic. Returns None if all are None.
+    answer seen first, so the vote is deterministic. Returns None if all are None
+    (a float NaN counts as None).
     Answers must be hashable (compare normalised strings or numbers).
     """
     answers = _list(answers, "answers")
     tally: dict = {}
     for a in answers:
+        if isinstance(a, float) and math.isnan(a):
+            a = None  # NaN != NaN: it could never gather votes
         if a is not None:
             try:
                 tally[a] = tally.get(a, 0) + 1
@@ -249,7 +254,8 @@ def kl_estimators(logp: torch.Tensor, ref_logp: torch.Tensor) -> dict:
     ``log r = log q(x) - log p(x)`` (``logp`` under the policy p, ``ref_logp`` under
     the reference q): ``k1 = -log r`` (unbiased, negative on some samples),
     ``k2 = (log r)**2 / 2`` (biased, low variance), ``k3 = (r - 1) - log r``
-    (unbiased and never negative; trl's ``per_token_kl``). See
+    (unbiased and never negative; trl's ``per_token_kl`` before its default
+    ``use_bias_correction_kl`` multiplies it by the importance ratio). See
     http://joschu.net/blog/kl-approx.html. Returns ``{"k1", "k2", "k3"}``, elementwise.
     """
     for x, name in ((logp, "logp"), (ref_logp, "ref_logp")):
@@ -274,7 +280,9 @@ def completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_
     ``log_softmax`` and ``gather``. Padding positions get 0. Returns a
     ``(batch, completion_len)`` float tensor, with gradients when the model has them;
     ``entropy=True`` returns ``(logps, entropies)``, the entropy of each next-token
-    distribution (a health signal: it collapses as the policy sharpens).
+    distribution (a health signal: it collapses as the policy sharpens). No
+    ``position_ids`` are passed, as in trl: left padding then shifts absolute
+    positions, which a RoPE model (the course model, Llama, SmolLM2) does not see.
     """
     if not callable(model):
         raise TypeError(f"model must be a callable torch model, "
@@ -360,6 +368,9 @@ def grpo_loss(logps, old_logps, advantages, mask, *, loss_type: str = "grpo",
     mask = _mask(mask, logps, "mask").to(logps.dtype)
     if not isinstance(advantages, torch.Tensor) or not advantages.is_floating_point():
         raise TypeError("advantages must be a floating-point torch.Tensor")
+    if advantages.device != logps.device:
+        raise ValueError(f"advantages are on {advantages.device}, logps on "
+                         f"{logps.device}: move them to the same device")
     if advantages.dim() == 1:
         advantages = advantages.unsqueeze(1)
     if advantages.dim() != 2 or advantages.size(0) != logps.size(0) \
@@ -370,6 +381,8 @@ def grpo_loss(logps, old_logps, advantages, mask, *, loss_type: str = "grpo",
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
     epsilon_low = _number(epsilon_low, "epsilon_low")
     epsilon_high = _number(epsilon_high, "epsilon_high")
+    if epsilon_low >= 1:
+        raise ValueError(f"epsilon_low must be < 1, got {epsilon_low}")
     beta = _number(beta, "beta")
     if beta > 0 and ref_logps is None:
         raise ValueError("beta > 0 needs ref_logps, the reference model's log-probs")
@@ -383,6 +396,8 @@ def grpo_loss(logps, old_logps, advantages, mask, *, loss_type: str = "grpo",
         if isinstance(num_items, torch.Tensor):
             num_items = num_items.item()
         num_items = _number(num_items, "num_items")
+        if num_items == 0:
+            raise ValueError("num_items must be > 0 (the generation batch's tokens)")
 
     ratio = torch.exp(logps - old_logps)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
@@ -405,7 +420,7 @@ def grpo_loss(logps, old_logps, advantages, mask, *, loss_type: str = "grpo",
         loss = tokens.sum() / max(total, 1.0)
 
     def mean(x):
-        return ((x * mask).sum() / mask.sum().clamp(min=1.0)).item()
+        return _masked_mean(x, mask).item()
 
     with torch.no_grad():
         low = ((ratio < 1 - epsilon_low) & (advantages < 0)).to(mask.dtype)
@@ -612,7 +627,9 @@ class GRPO:
         unscorable = torch.isnan(per_func).all(1)
         rewards = (per_func * self.reward_weights).nansum(1)
         rewards[unscorable] = math.nan
+        # on the model's device: grpo_loss multiplies them with the model's ratios
         advantages = group_advantages(rewards, g, self.scale)
+        advantages = advantages.to(completion_ids.device)
         args = (prompt_ids, prompt_mask, completion_ids, completion_mask,
                 self.temperature)
         with torch.no_grad():
@@ -625,6 +642,8 @@ class GRPO:
         ended = ((completion_ids == self.eos_token_id) & completion_mask.bool()).any(1)
         metrics = {"reward": torch.nanmean(rewards).item(),
                    "reward_std": _nanstd(rewards).item(),
+                   # per group, whatever the scale (trl logs it from the batch std
+                   # when scale="batch": then it is 0 or 1)
                    "frac_reward_zero_std": zero_std_share(rewards, g)}
         for j, name in enumerate(self.reward_names):
             metrics[f"rewards/{name}/mean"] = torch.nanmean(per_func[:, j]).item()

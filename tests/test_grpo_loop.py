@@ -50,7 +50,7 @@ def test_grpo_raises_a_verifiable_reward(model_tok):
     logs = [grpo.step(PROMPTS) for _ in range(4)]
     after = probe.rollout(PROMPTS)["metrics"]["reward"]
     # measured: 0.109 before; after 4 steps 0.914 (seed 0), 0.84-0.98 over seeds 0-7
-    assert before == pytest.approx(0.109, abs=0.06)
+    assert before < 0.3, before  # the word is rare before training
     assert after > before + 0.5, (before, after)
     for log in logs:  # the health signals are there and in range
         assert 0 <= log["frac_reward_zero_std"] <= 1 and log["entropy"] > 0

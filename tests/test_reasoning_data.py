@@ -92,6 +92,14 @@ def test_traces_verify_for_their_own_task_only():
     ("Answer: 1 2.5", None),
     ("Answer: 1,832", None),
     ("Answer:\n32", None),  # the number must be on the marker's line
+    # a number that an operator or letters continue is not the answer it starts with
+    ("Answer: 632-1", None),
+    ("Answer: 632 - 100", None),
+    ("Answer: 632/2", None),
+    ("Answer: 632 = 632", None),
+    ("Answer: 632e3", None),
+    ("Answer: 0x632", None),
+    ("Answer: " + "9" * 5000, "9" * 5000),  # past int()'s 4300-digit limit: no raise
 ])
 def test_extract_final_answer(completion, expected):
     assert data.extract_final_answer(completion) == expected
