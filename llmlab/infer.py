@@ -25,7 +25,9 @@ from pathlib import Path
 import torch
 
 PROMPT_STYLES = ("qa", "chat")
-END_OF_TURN = ("<|end|>",)  # the course chat template closes each turn with it
+# what closes a chat turn: the course template's <|end|>, ChatML's <|im_end|> (SmolLM2,
+# Qwen), where it is not already the tokenizer's EOS
+END_OF_TURN = ("<|end|>", "<|im_end|>")
 
 
 def prompt_style(model, tokenizer) -> str:

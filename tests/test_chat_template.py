@@ -174,3 +174,16 @@ def test_templates_it_cannot_rewrite_raise_one_clear_error(smollm2):
         tokenization.training_chat_template(bare)
     with pytest.raises(TypeError, match="tokenizer must be"):
         tokenization.training_chat_template("HuggingFaceTB/SmolLM2-360M-Instruct")
+
+
+def test_the_turn_end_the_labs_stop_at_closes_smollm2s_assistant_turn(smollm2):
+    """Preference optimisation and lab 3 stop generation at the first of ``infer.END_OF_TURN`` in the vocabulary:
+    on SmolLM2 that must be the token its template closes the assistant's turn with (``<|end|>`` is not in its
+    vocabulary: looked up, it gives id 0, another token)."""
+    from llmlab import infer
+
+    end = next(t for t in infer.END_OF_TURN if t in smollm2.get_vocab())
+    text = smollm2.apply_chat_template(
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}], tokenize=False)
+    assert text.rstrip("\n").endswith("Hello." + end)
+    assert smollm2.convert_tokens_to_ids(end) != smollm2.convert_tokens_to_ids("<|end|>")
