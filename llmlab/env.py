@@ -265,7 +265,7 @@ SMOKE_SIZES = {"train_steps": 4, "batch_size": 2, "seq_len": 128, "eval_examples
 def smoke_enabled() -> bool:
     """Whether the smoke override is on: ``LLMLAB_SMOKE`` is ``1`` (off when unset,
     empty or ``0``; any other value raises a ValueError). Chapter: Preface ("How to
-    run this course"); CI runs the labs' gpu path with it."""
+    run this course"); it runs the labs' gpu path on a CPU (not yet part of CI)."""
     value = os.environ.get(SMOKE_ENV, "").strip()
     if value in ("", "0"):
         return False
