@@ -212,12 +212,16 @@ def instruction_tasks(n: int, seed: int = 0, kinds=EXACT_TASKS, exclude=()) -> l
     kinds = tuple(kinds)
     if not kinds or any(k not in TASKS for k in kinds):
         raise ValueError(f"kinds must be a non-empty subset of {TASKS}, got {kinds}")
-    seen = _prompts(exclude)
-    rng = random.Random(f"tasks-{seed}")
+    return _round_robin(n, kinds, make_task, random.Random(f"tasks-{seed}"), _prompts(exclude))
+
+
+def _round_robin(n, kinds, make, rng, seen) -> list[Task]:
+    """``n`` tasks from ``make(kind, rng)``, kinds in turn; each slot draws again until its prompt is not in
+    ``seen`` (shared by ``instruction_tasks`` and ``reasoning_tasks``)."""
     tasks = []
     for i in range(n):
         for _ in range(10_000):
-            task = make_task(kinds[i % len(kinds)], rng)
+            task = make(kinds[i % len(kinds)], rng)
             if task.prompt not in seen:
                 break
         else:
@@ -601,19 +605,8 @@ def reasoning_tasks(n: int, seed: int = 0, kinds=REASONING_TASKS,
     if not kinds or any(k not in REASONING_TASKS for k in kinds):
         raise ValueError(f"kinds must be a non-empty subset of {REASONING_TASKS}, "
                          f"got {kinds}")
-    seen = _prompts(exclude)
-    rng = random.Random(f"reasoning-{seed}")
-    tasks = []
-    for i in range(n):
-        kind = kinds[i % len(kinds)]
-        for _ in range(10_000):
-            task = make_reasoning_task(kind, rng)
-            if task.prompt not in seen:
-                break
-        else:
-            raise ValueError(f"no {kind!r} task left whose prompt is not excluded")
-        tasks.append(task)
-    return tasks
+    return _round_robin(n, kinds, make_reasoning_task, random.Random(f"reasoning-{seed}"),
+                        _prompts(exclude))
 
 
 # the number after a marker: a sign, digits (single spaces between them allowed,

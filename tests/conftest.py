@@ -52,6 +52,18 @@ def collected_notebooks(request):
     return request.config._llmlab_notebooks
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests (reproducible sums; the other pytest worker
+    keeps the second core); the previous count comes back after the module."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def course_model():
     from llmlab.models import load

@@ -23,13 +23,8 @@ import torch
 from llmlab import align as A
 from llmlab.data import preference_pairs
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one torch thread for the whole module (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _tiny_llama(vocab=16, seed=0, head="causal", pad_token_id=0):

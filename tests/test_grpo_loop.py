@@ -17,13 +17,8 @@ from llmlab import reasoning as R
 
 PROMPTS = ["Mia has a", "Sam has a", "Tom has a", "Lily has a"]
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# one torch thread for the whole module (tests/conftest.py)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
