@@ -65,7 +65,10 @@ PROFILES = {
                      # the fp32 reference in PyTorch, plus one 16-bit copy in the engine being measured (vLLM is
                      # also told to take at most 40 % of the GPU for its weights and paged KV cache)
                      "04_inference_backends": round(estimate_inference_memory(362e6, 32)
-                                                    + estimate_inference_memory(362e6, 16), 2)},
+                                                    + estimate_inference_memory(362e6, 16), 2),
+                     # full fine-tuning on traces in fp32 with AdamW, then GRPO on the same copy (beta 0: no
+                     # reference model, a verifier for reward): one trained model at a time
+                     "05_reasoning": round(estimate_training_memory(362e6).total / 1e9, 2)},
     ),
 }
 

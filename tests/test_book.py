@@ -111,7 +111,8 @@ def test_labs_follow_their_chapters():
              "labs/student/01_quantization": "book/compression/quantization-from-scratch",
              "labs/student/02_finetuning": "book/finetuning/fine-tuning",
              "labs/student/03_alignment": "book/alignment/preference-trainers",
-             "labs/student/04_inference_backends": "book/inference/serving"}
+             "labs/student/04_inference_backends": "book/inference/serving",
+             "labs/student/05_reasoning": "book/alignment/reasoning"}
     assert sorted(after) == sorted(p[:-len(".ipynb")] for p in STUDENT)
     for lab, chapter in after.items():
         assert order.index(lab) == order.index(chapter) + 1, f"{lab} must come right after {chapter}"

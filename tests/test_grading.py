@@ -206,7 +206,7 @@ import numpy as np
 import pandas as pd
 import torch
 from transformers import LlamaConfig
-from llmlab import align, data, evaluate, grading, infer, lora, memory, quant
+from llmlab import align, data, evaluate, grading, infer, lora, memory, quant, reasoning
 """
 
 
@@ -221,6 +221,13 @@ def _track(step, rm, gold):
 
 def _chat_scores(accuracies):
     return pd.DataFrame({"accuracy, chat": accuracies}, index=["add", "color_qa", "compare"])
+
+
+def _lab5_run(completions, answers, counts, n_samples=8):
+    """What lab 5's answer cells read of its run: greedy completions and their verified answers, sample counts."""
+    return {"sft_greedy": [{"completions": [c], "tokens": [12]} for c in completions],
+            "sft_greedy_scored": [{"answers": [a]} for a in answers], "N_EVAL": len(completions),
+            "N_SAMPLES": n_samples, "counts": counts, "pass_at": {k: {"value": 0.5} for k in range(1, n_samples + 1)}}
 
 
 # the data the data-reading questions read, as each profile's run would produce it (rows the gpu profile skips:
@@ -240,6 +247,9 @@ PROFILE_DATA = {
     },
     "03_alignment": {"cpu": {"ppo_track": _track(5, [1.98, 2.01, 1.997, 1.95, 1.93], [0.68, 0.66, 0.55, 0.45, 0.40])},
                      "gpu": {"ppo_track": _track(10, [0.1, 0.5, 0.9, 1.2], [0.3, 0.35, 0.41, 0.44])}},
+    "05_reasoning": {"cpu": _lab5_run(["7 plus 5 is 12.\nAnswer: 12", "Answer: 5 6 4", "Start with"], ["12", "564", None],
+                                      [0, 3, 8]),
+                     "gpu": _lab5_run(["9 minus 2 is 7.\nAnswer: 7.", "Answer: 1 0 4 6"], ["7", "1046"], [1, 8])},
 }
 
 # answers that call the library function the question asks the student to write
@@ -265,10 +275,14 @@ IMPORTED = {
                                      "    return infer.roofline(n_params, bytes_per_param, bandwidth_gb_s, batch_size=batch)"
                                      "['tokens_per_s']\n"
                                      "t4_int4_tokens_per_s = roofline_tokens_per_s(8.03e9, 0.5, infer.GPU_BANDWIDTH_GB_S['T4'], 1)",
+    ("05_reasoning", "q1"): "def extract_answer(completion):\n    return data.extract_final_answer(completion)",
+    ("05_reasoning", "q2"): "def pass_at_k(n, c, k):\n    return reasoning.pass_at_k(n, c, k)",
+    ("05_reasoning", "q3"): "def group_advantages(rewards, group_size):\n"
+                            "    return reasoning.group_advantages(rewards, group_size)",
 }
 
 # the master's cells a question's code reads, found by what they define (cheap cells: configs and inputs)
-CONTEXT_CELLS = {"00_course_loop": [], "01_quantization": [], "04_inference_backends": [],
+CONTEXT_CELLS = {"00_course_loop": [], "01_quantization": [], "04_inference_backends": [], "05_reasoning": [],
                  "02_finetuning": ["llama3_8b = LlamaConfig(", "def llama3_estimate("],
                  "03_alignment": ["policy_chosen, policy_rejected = ["]}
 
