@@ -338,19 +338,33 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
 @torch.no_grad()
 def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None = None, max_new_tokens: int = 16,
            eos_token_id: int | None = None, pad_token_id: int = 0,
-           generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+           generator: torch.Generator | None = None, cache: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample completions token by token at temperature 1, the distribution PPO's ratio assumes.
 
     Returns ``(completion_ids, completion_mask)``, each ``(batch, max_new_tokens)``; after a row's EOS (which
-    counts), tokens are ``pad_token_id`` and masked out. No KV cache: short and slow, fine for small models.
+    counts), tokens are ``pad_token_id`` and masked out. ``cache=False`` recomputes the whole sequence at each
+    token (short and slow, fine for small models: PPO's default). ``cache=True`` keeps the keys and values (a
+    KV cache) and stops drawing once every row has ended: the same distribution, logits equal to float
+    rounding, and each token costs one position instead of the whole sequence (GRPO's long traces).
     """
     _ids(prompt_ids, "prompt_ids")
     attn = torch.ones_like(prompt_ids, dtype=torch.bool) if prompt_mask is None else _mask(
         prompt_mask, prompt_ids, "prompt_mask")
+    if not isinstance(cache, bool):
+        raise TypeError(f"cache must be a bool, got {type(cache).__name__}")
+    n_new = _count(max_new_tokens, "max_new_tokens")
     ids, tokens, alive = prompt_ids, [], []
     done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=prompt_ids.device)
-    for _ in range(_count(max_new_tokens, "max_new_tokens")):
-        logits = _forward(model, ids, attn).logits[:, -1].float()
+    past = None
+    for _ in range(n_new):
+        if not cache:
+            logits = _forward(model, ids, attn).logits[:, -1].float()
+        else:
+            positions = attn.long().cumsum(-1) - 1
+            step_ids = ids if past is None else ids[:, -1:]
+            out = model(input_ids=step_ids, attention_mask=attn.long(), past_key_values=past, use_cache=True,
+                        position_ids=positions.clamp(min=0)[:, -step_ids.shape[1]:])
+            past, logits = out.past_key_values, out.logits[:, -1].float()
         token = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
         token = torch.where(done, pad_token_id, token)
         tokens.append(token)
@@ -359,6 +373,11 @@ def sample(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None = N
             done = done | (token == eos_token_id)
         ids = torch.cat([ids, token[:, None]], 1)
         attn = torch.cat([attn, torch.ones_like(done[:, None])], 1)
+        if cache and bool(done.all()):
+            break
+    while len(tokens) < n_new:  # every row ended early (cache=True): padding, masked out
+        tokens.append(torch.full_like(done, pad_token_id, dtype=prompt_ids.dtype))
+        alive.append(torch.zeros_like(done))
     return torch.stack(tokens, 1), torch.stack(alive, 1)
 
 

@@ -473,12 +473,14 @@ def _tempered(model, temperature):
         return model
 
     def forward(**kwargs):
-        return _Logits(model(**kwargs).logits / temperature)
+        out = model(**kwargs)
+        return _Logits(out.logits / temperature, getattr(out, "past_key_values", None))
     return forward
 
 
 class _Logits(NamedTuple):
     logits: torch.Tensor
+    past_key_values: object = None
 
 
 class GRPO:
@@ -494,7 +496,7 @@ class GRPO:
     skip_special_tokens=True)``, ``eos_token_id`` and ``pad_token_id`` (or EOS).
 
     Each step: prompts are left-padded and repeated ``group_size`` times; completions
-    are sampled with ``llmlab.align.sample`` (model in eval mode, no gradients, logits
+    are sampled with ``llmlab.align.sample`` (KV cache, model in eval mode, no gradients, logits
     divided by ``temperature``; a row stops after its EOS, which counts as a token);
     rewards -> ``group_advantages`` (``scale``); when ``num_iterations > 1`` the
     sampling policy's log-probs ("old") are kept, and with ``beta > 0`` the reference's;
@@ -506,6 +508,8 @@ class GRPO:
     ``max_new_tokens=16`` and ``group_size=8`` (trl's ``num_generations``). Sampling
     draws from a generator seeded with ``seed``: runs repeat exactly on one machine.
     ``last_batch`` holds the tensors of the last update (to recompute its loss).
+    ``eos_token_id`` ends a completion (default the tokenizer's EOS; a chat model's
+    answer ends at its end-of-turn token, ``llmlab.scratchpad.end_of_turn_id``).
     """
 
     def __init__(self, model, tokenizer, reward_fns, *, reward_weights=None,
@@ -514,7 +518,8 @@ class GRPO:
                  epsilon_high: float = 0.2, loss_type: str = "dapo",
                  scale: str = "group", max_new_tokens: int = 16,
                  temperature: float = 1.0, num_iterations: int = 1,
-                 max_grad_norm: float = 1.0, seed: int = 0):
+                 max_grad_norm: float = 1.0, seed: int = 0,
+                 eos_token_id: int | None = None):
         if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
             raise TypeError(f"model must be a transformers causal LM, "
                             f"got {type(model).__name__}")
@@ -522,8 +527,12 @@ class GRPO:
             if not callable(getattr(tokenizer, attr, None)):
                 raise TypeError(f"tokenizer needs an {attr} method, "
                                 f"got {type(tokenizer).__name__}")
-        if getattr(tokenizer, "eos_token_id", None) is None:
-            raise ValueError("tokenizer has no eos_token_id: completions could not end")
+        if eos_token_id is None:
+            eos_token_id = getattr(tokenizer, "eos_token_id", None)
+            if eos_token_id is None:
+                raise ValueError("tokenizer has no eos_token_id: completions could not "
+                                 "end (pass eos_token_id)")
+        self.eos_token_id = _int(eos_token_id, "eos_token_id")
         self.reward_fns, self.reward_names, self.reward_weights = _reward_functions(
             reward_fns, reward_weights)
         if loss_type not in LOSS_TYPES:
@@ -547,7 +556,6 @@ class GRPO:
         self.temperature = float(temperature)
         self.num_iterations = _int(num_iterations, "num_iterations", 1)
         self.max_grad_norm = float(max_grad_norm)
-        self.eos_token_id = tokenizer.eos_token_id
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_token_id = self.eos_token_id if pad is None else pad
         self.ref_model = None
@@ -618,7 +626,8 @@ class GRPO:
         self.model.eval()
         completion_ids, completion_mask = sample(
             _tempered(self.model, self.temperature), prompt_ids, prompt_mask,
-            self.max_new_tokens, self.eos_token_id, self.pad_token_id, self.generator)
+            self.max_new_tokens, self.eos_token_id, self.pad_token_id, self.generator,
+            cache=True)
         completion_mask = completion_mask.long()
         texts = [self.tokenizer.decode(row[m.bool()].tolist(), skip_special_tokens=True)
                  for row, m in zip(completion_ids, completion_mask, strict=True)]

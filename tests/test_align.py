@@ -361,6 +361,24 @@ def test_sample_stops_at_eos_and_masks_the_rest():
         assert (3 not in row[:n - 1].tolist()) and (n == 12 or row[n - 1] == 3)
 
 
+
+def test_sample_with_a_kv_cache_draws_what_the_full_recompute_draws():
+    """cache=True (GRPO's sampler) gives the same tokens from the same generator, left padding included, and
+    pads the positions after every row has ended."""
+    model = _tiny_llama()
+    prompts = torch.randint(1, 16, (32, 5), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(prompts)
+    mask[::2, :2] = 0  # every other row left-padded by two
+    draws = {cache: A.sample(model, prompts, mask, max_new_tokens=10, eos_token_id=3, pad_token_id=0,
+                             generator=torch.Generator().manual_seed(6), cache=cache) for cache in (False, True)}
+    assert torch.equal(draws[False][0], draws[True][0]) and torch.equal(draws[False][1], draws[True][1])
+    # a single row that ends at once: the cached sampler stops drawing and pads to max_new_tokens
+    ids, keep = A.sample(model, prompts[:1], max_new_tokens=200, eos_token_id=int(draws[True][0][0, 0]),
+                         generator=torch.Generator().manual_seed(6), cache=True)
+    assert ids.shape == keep.shape == (1, 200) and keep[0, 0] and not keep[0, 1:].any()
+    with pytest.raises(TypeError, match="cache"):
+        A.sample(model, prompts, cache="yes")
+
 TARGET = 7
 
 

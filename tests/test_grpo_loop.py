@@ -150,9 +150,7 @@ def test_later_iterations_use_the_sampling_policys_logps(model_tok):
 def test_completions_stop_at_eos(model_tok):
     model, tok = model_tok
     dot = tok.encode(".")[0]  # the course model ends "The red ball" with "." mostly
-    stop_at_dot = SimpleNamespace(encode=tok.encode, decode=tok.decode,
-                                  eos_token_id=dot, pad_token_id=tok.pad_token_id)
-    grpo = R.GRPO(model, stop_at_dot, length, group_size=8, max_new_tokens=2)
+    grpo = R.GRPO(model, tok, length, group_size=8, max_new_tokens=2, eos_token_id=dot)
     batch = grpo.rollout(["The red ball", "Mia has a"])
     ids, mask = batch["completion_ids"], batch["completion_mask"]
     lengths = mask.sum(1)
@@ -186,6 +184,8 @@ def test_completions_stop_at_eos(model_tok):
     ({"reward_weights": [1.0, 2.0]}, ValueError, "reward_weights"),
     ({"model": torch.nn.Linear(2, 2)}, TypeError, "model"),
     ({"tokenizer": SimpleNamespace(encode=str.split)}, TypeError, "decode"),
+    ({"eos_token_id": -1}, ValueError, "eos_token_id"),
+    ({"eos_token_id": 2.0}, TypeError, "eos_token_id"),
 ])
 def test_grpo_rejects_bad_settings(model_tok, kwargs, error, match):
     model, tok = model_tok
