@@ -111,7 +111,7 @@ def _batch(rows, pad_id):
 
 def sft_on_tasks(model, tokenizer, tasks, *, traces: bool = True, steps: int = 300,
                  batch_size: int = 16, lr: float = 1e-3, warmup: int = 10, seed: int = 0,
-                 log_every: int = 10) -> dict:
+                 log_every: int = 10, stop_after: int | None = None) -> dict:
     """Fine-tune ``model`` in place on ``tasks`` as chat turns; return the history.
 
     Each step takes the next ``batch_size`` tasks (cycling; shuffled once with ``seed``);
@@ -119,7 +119,9 @@ def sft_on_tasks(model, tokenizer, tasks, *, traces: bool = True, steps: int = 3
     and the end-of-turn token). AdamW (weight decay 0), linear warmup over ``warmup``
     steps then cosine decay to 0 at ``steps``. Returns ``{"step": [...], "loss": [...],
     "seconds": wall time, "answer_tokens": tokens the loss saw}`` (loss logged every
-    ``log_every`` steps and at the last). Chapter: Reasoning (SFT on traces vs answers).
+    ``log_every`` steps and at the last). ``stop_after``: stop after that many steps of
+    the ``steps``-long schedule (a run's first steps, to check them against a stored
+    run). Chapter: Reasoning (SFT on traces vs answers).
     """
     _model(model)
     tasks = _tasks(tasks)
@@ -128,6 +130,7 @@ def sft_on_tasks(model, tokenizer, tasks, *, traces: bool = True, steps: int = 3
     lr = _float(lr, "lr", open_low=True)
     if not isinstance(traces, bool):
         raise TypeError(f"traces must be a bool, got {type(traces).__name__}")
+    last = steps if stop_after is None else min(steps, _int(stop_after, "stop_after"))
     gen = torch.Generator().manual_seed(_int(seed, "seed", 0))
     order = torch.randperm(len(tasks), generator=gen).tolist()
     rows = [encode_example(tokenizer, tasks[i], traces) for i in order]
@@ -146,7 +149,7 @@ def sft_on_tasks(model, tokenizer, tasks, *, traces: bool = True, steps: int = 3
     history = {"step": [], "loss": [], "answer_tokens": 0}
     model.train()
     start = time.perf_counter()
-    for step in range(steps):
+    for step in range(last):
         chunk = [rows[(step * batch_size + j) % len(rows)] for j in range(batch_size)]
         ids, mask, labels = (t.to(device) for t in _batch(chunk, pad))
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
@@ -155,7 +158,7 @@ def sft_on_tasks(model, tokenizer, tasks, *, traces: bool = True, steps: int = 3
         opt.step()
         sched.step()
         history["answer_tokens"] += int((labels[:, 1:] != -100).sum())
-        if (step + 1) % log_every == 0 or step == 0 or step == steps - 1:
+        if (step + 1) % log_every == 0 or step == 0 or step == last - 1:
             history["step"].append(step + 1)
             history["loss"].append(loss.item())
     history["seconds"] = time.perf_counter() - start

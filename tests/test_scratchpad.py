@@ -45,6 +45,10 @@ def test_sft_lowers_the_loss_and_repeats_exactly(course):
                                             log_every=1))
     a, b = runs
     assert a["step"] == list(range(1, 7)) and a["loss"] == b["loss"]  # seeded: one machine repeats exactly
+    # the first steps of a longer schedule, as the chapter re-runs a stored run's prefix
+    prefix = scratchpad.sft_on_tasks(copy.deepcopy(model), tok, tasks, steps=6, batch_size=8, lr=1e-3, warmup=2,
+                                     log_every=1, stop_after=3)
+    assert prefix["step"] == [1, 2, 3] and prefix["loss"] == a["loss"][:3]
     assert a["loss"][-1] < 0.8 * a["loss"][0]
     assert a["answer_tokens"] > 0 and a["seconds"] > 0
     with torch.no_grad():  # the logged loss is the masked cross-entropy of the batch
