@@ -396,6 +396,30 @@ def _grpo(model, tokenizer, recipe, reward_fns, weights, tasks, log, extra=None)
     return time.perf_counter() - start
 
 
+def early_checkpoint_grpo(train, held, format_weight: float) -> dict:
+    """GRPO (``GAMED_RECIPE``) from the traces model after ``sft_steps`` SFT steps, with
+    the verifier's reward plus ``format_weight`` x the format reward: per-step signals,
+    and the held-out evaluation before and after. The stored run's gamed run and its
+    control (``format_weight=0``)."""
+    from llmlab.models import COURSE_MODEL_DIR, load
+
+    r, gr = SFT_RECIPE, GAMED_RECIPE
+    model, tok = load(str(COURSE_MODEL_DIR), dtype="float32")
+    sft_on_tasks(model, tok, train[: gr["sft_steps"] * r["batch_size"]],
+                 steps=gr["sft_steps"], batch_size=r["batch_size"], lr=r["lr"],
+                 warmup=r["warmup"], seed=r["seed"])
+    before = evaluate_model(model, tok, held)
+    tasks = reasoning_tasks(gr["steps"] * gr["prompts_per_step"], seed=gr["task_seed"],
+                            exclude=held)
+    _, correct, formatted = _verifier_for(tok, tasks)
+    fns, weights = ([correct, formatted], [1.0, format_weight]) if format_weight else \
+        ([correct], [1.0])
+    steps = []
+    _grpo(model, tok, gr, fns, weights, tasks, steps.append)
+    return {"format_weight": format_weight, "steps": steps, "before": before,
+            "after": evaluate_model(model, tok, held)}
+
+
 def run(out, assets=None, threads: int = 1, log=print) -> dict:
     """The stored run of the Reasoning chapter; writes JSON to ``out`` after each stage.
 
@@ -407,7 +431,8 @@ def run(out, assets=None, threads: int = 1, log=print) -> dict:
        every step's health signals; evaluated every ``eval_every`` steps.
     4. Equal budget: SFT on more traces from the same start for GRPO's wall time.
     5. A format reward gamed (``GAMED_RECIPE``): the same rewards from an earlier SFT
-       checkpoint, whose samples are rarely right.
+       checkpoint, whose samples are rarely right; and its control without the format
+       reward (``early_checkpoint_grpo``).
     """
     import json
     import platform
@@ -493,23 +518,13 @@ def run(out, assets=None, threads: int = 1, log=print) -> dict:
     log(f"SFT more ({more_steps} steps): {result['sft_more']['eval']['greedy']['right']}")
     save()
 
-    # a format reward gamed: GRPO from an earlier SFT checkpoint with the same rewards
-    gr = GAMED_RECIPE
-    model, tok = load(str(COURSE_MODEL_DIR), dtype="float32")
-    sft_on_tasks(model, tok, train[: gr["sft_steps"] * r["batch_size"]], steps=gr["sft_steps"],
-                 batch_size=r["batch_size"], lr=r["lr"], warmup=r["warmup"], seed=r["seed"])
-    early = evaluate_model(model, tok, held)
-    gamed_tasks = reasoning_tasks(gr["steps"] * gr["prompts_per_step"],
-                                  seed=gr["task_seed"], exclude=held)
-    _, correct, formatted = _verifier_for(tok, gamed_tasks)
-    gamed_log = []
-    _grpo(model, tok, gr, [correct, formatted], [1.0, gr["format_weight"]], gamed_tasks,
-          gamed_log.append)
-    result["gamed"] = {"steps": gamed_log, "before": early,
-                       "after": evaluate_model(model, tok, held)}
-    log(f"gamed: greedy {early['greedy']['right']} -> "
-        f"{result['gamed']['after']['greedy']['right']}")
-    save()
+    # a format reward gamed: GRPO from an earlier SFT checkpoint with the same rewards, and
+    # the control: the same run without the format reward
+    for key, weight in (("gamed", GAMED_RECIPE["format_weight"]), ("gamed_control", 0.0)):
+        result[key] = early_checkpoint_grpo(train, held, weight)
+        log(f"{key}: greedy {sum(result[key]['before']['greedy_correct'])} -> "
+            f"{sum(result[key]['after']['greedy_correct'])}")
+        save()
     return result
 
 
