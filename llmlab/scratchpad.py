@@ -174,8 +174,11 @@ def sample_tasks(model, tokenizer, tasks, n: int = 1, *, temperature: float = 1.
     full distribution (no top-k or top-p), stopping at the end of the turn.
 
     Returns one dict per task: ``completions`` (``n`` strings) and ``tokens`` (the tokens
-    each one cost, the closing token included). Seeded: the same machine draws the same
-    samples. Chapter: Reasoning (pass@k, majority vote, best-of-N).
+    each one cost, the closing token included). Seeded: ``torch.manual_seed(seed)`` (the
+    global generator, which ``generate`` draws from) before the first batch, so the same
+    machine and the same ``batch_size`` draw the same samples (``batch_size // n`` prompts
+    go into one ``generate`` call, and the batching changes which draws each sample gets).
+    Chapter: Reasoning (pass@k, majority vote, best-of-N).
     """
     _model(model)
     tasks = _tasks(tasks)
@@ -187,7 +190,7 @@ def sample_tasks(model, tokenizer, tasks, n: int = 1, *, temperature: float = 1.
     stop = end_of_turn_id(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop
     torch.manual_seed(_int(seed, "seed", 0))
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    side = tokenizer.padding_side
     prompts = [chat_prompt(tokenizer, t.prompt) for t in tasks]
     per_batch = max(1, batch_size // n)  # prompts per generate call
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} \
@@ -196,6 +199,7 @@ def sample_tasks(model, tokenizer, tasks, n: int = 1, *, temperature: float = 1.
     model.eval()
     out = []
     try:
+        tokenizer.padding_side = "left"
         for i in range(0, len(prompts), per_batch):
             enc = tokenizer(prompts[i : i + per_batch], return_tensors="pt", padding=True,
                             add_special_tokens=False).to(model.device)
@@ -510,6 +514,7 @@ def run(out, assets=None, threads: int = 1, log=print) -> dict:
                          warmup=0)
     model, tok, _ = load_model(folder=assets)
     more_steps = max(1, round(seconds / (probe["seconds"] / 20)))
+    result["sft_probe_seconds_per_step"] = probe["seconds"] / 20
     more = reasoning_tasks(more_steps * 16, seed=4, exclude=held)
     hist = sft_on_tasks(model, tok, more, steps=more_steps, batch_size=16, lr=3e-4,
                         warmup=0, seed=1)
