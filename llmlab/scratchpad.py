@@ -12,7 +12,10 @@ and verifier, this module runs them on a model:
   ``score_samples`` verifies them: the counts ``pass_at_k`` needs, the majority answer, the
   tokens spent;
 * ``run`` is the stored long run (``python -m llmlab.scratchpad --out FILE``): both SFT
-  variants at equal steps, then test-time compute on the traces model, with provenance.
+  variants at equal steps (the traces model is saved as the shipped checkpoint), GRPO
+  from it with its health signals, more SFT for GRPO's wall time, and GRPO from an
+  earlier checkpoint with and without a format reward; every evaluation on
+  ``held_out_tasks()``, with provenance.
 """
 from __future__ import annotations
 
@@ -31,8 +34,6 @@ from llmlab.data import (
     extract_final_answer,
     reasoning_tasks,
 )
-
-SFT_DEFAULTS = {"steps": 300, "batch_size": 16, "lr": 1e-3, "warmup": 10}
 
 
 def _tasks(tasks, name="tasks") -> list[Task]:
@@ -341,8 +342,8 @@ def summarize(tasks, rows) -> dict:
 GRPO_RECIPE = {"steps": 120, "prompts_per_step": 8, "group_size": 8, "lr": 3e-5,
                "max_new_tokens": 64, "temperature": 1.0, "format_weight": 0.25,
                "loss_type": "dapo", "beta": 0.0, "seed": 0, "task_seed": 2, "eval_every": 60}
-# the gamed run starts from an earlier SFT checkpoint (``steps``), whose samples are rarely
-# right: the format reward then carries almost all of the reward's variance
+# the gamed run starts from an earlier SFT checkpoint (``sft_steps``), whose samples are
+# rarely right: groups whose answers are all wrong then differ only in the format reward
 GAMED_RECIPE = {"sft_steps": 300, "steps": 30, "prompts_per_step": 8, "group_size": 8,
                 "lr": 1e-4, "max_new_tokens": 64, "temperature": 1.0, "format_weight": 0.25,
                 "seed": 0, "task_seed": 3}
