@@ -318,15 +318,6 @@ def load_model(name: str = "sft-traces", folder=None):
 
 # ---------------------------------------------------------- the stored run --
 
-def pass_at_ks(rows, ks=(1, 2, 4, 8, 16)) -> dict:
-    """``{k: mean_pass_at_k(...)}`` over ``score_samples`` rows, for each ``k <= n``."""
-    from llmlab.reasoning import mean_pass_at_k
-
-    n = min(r["n"] for r in rows)
-    return {k: mean_pass_at_k([r["c"] for r in rows], [r["n"] for r in rows], k)
-            for k in ks if k <= n}
-
-
 def summarize(tasks, rows) -> dict:
     """Accuracy per kind and overall (``c``/``n`` of the first sample of each task, or
     of greedy rows), the mean tokens per completion: a JSON-able digest."""

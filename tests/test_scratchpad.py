@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from llmlab import data, scratchpad, tokenization
+from llmlab import data, reasoning, scratchpad, tokenization
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +92,10 @@ def test_sampling_is_seeded_and_scoring_counts_what_the_verifier_says(course):
     (row,) = scratchpad.score_samples([task], fake)
     assert row["c"] == 2 and row["n"] == 5 and row["correct"] == [True, False, False, True, False]
     assert row["answers"][2] is None and row["majority"] == task.answer and row["majority_correct"]
-    ks = scratchpad.pass_at_ks([row], ks=(1, 2, 8))
-    assert set(ks) == {1, 2} and ks[1]["value"] == pytest.approx(2 / 5)
-    assert ks[2]["value"] == pytest.approx(1 - math.comb(3, 2) / math.comb(5, 2))
+    # the rows feed reasoning's estimator directly
+    ks = {k: reasoning.mean_pass_at_k([row["c"]], row["n"], k)["value"] for k in (1, 2)}
+    assert ks[1] == pytest.approx(2 / 5)
+    assert ks[2] == pytest.approx(1 - math.comb(3, 2) / math.comb(5, 2))
 
 
 def test_the_held_out_set_never_meets_a_training_set():
