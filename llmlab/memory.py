@@ -303,6 +303,96 @@ def tensor_bytes(tensors) -> int:
     return sum(seen.values())
 
 
+def _device(device) -> str:
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    return device
+
+
+def _live_cpu_tensors():
+    """Every CPU tensor with a readable storage that the garbage collector reaches."""
+    import gc
+
+    import torch
+
+    for obj in gc.get_objects():
+        try:
+            # type(), not isinstance: isinstance asks deprecated proxies for __class__ (a warning)
+            if issubclass(type(obj), torch.Tensor) and obj.device.type == "cpu" and not obj.is_meta:
+                obj.untyped_storage()
+                yield obj
+        except (RuntimeError, NotImplementedError, ReferenceError):  # storage-less subclasses
+            continue
+
+
+def held_bytes(device: str = "cpu") -> int:
+    """Bytes of the tensors alive now on ``device`` ("cpu" or "cuda"). On CUDA this is
+    ``torch.cuda.memory_allocated()``; on the CPU, ``tensor_bytes`` of every tensor the garbage
+    collector reaches (models, gradients, optimizer state), each storage counted once.
+    Chapter: Lab 3 (what each stage leaves behind once it is freed)."""
+    import torch
+
+    if _device(device) == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device='cuda' but no CUDA GPU is visible")
+        return int(torch.cuda.memory_allocated())
+    return tensor_bytes(_live_cpu_tensors())
+
+
+def release(device: str = "cpu") -> int:
+    """Free what nothing refers to any more (``del`` the names first): collect garbage, hand
+    CUDA's cached blocks back, and return ``held_bytes(device)``. Chapter: Lab 3."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if _device(device) == "cuda" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return held_bytes(device)
+
+
+class StageMemory:
+    """What each stage of a long run holds (Lab 3: SFT, reward model, DPO, PPO). Call ``end(stage)`` when a
+    stage finishes, ``del`` what later stages do not need, then ``freed()``. Each row of ``rows``: the MB of
+    tensors alive at the stage's end (``held_bytes``), once freed, and on CUDA the peak allocated during the
+    stage, activations included (``torch.cuda.max_memory_allocated``). On a CPU the end-of-stage figure is
+    a lower bound of the peak: it misses the activations of the stage's last step."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device, self.rows = _device(device), []
+        self._reset_peak()
+
+    def _reset_peak(self):
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+
+    def end(self, stage: str) -> dict:
+        """Record what is alive at the end of ``stage`` (a name for the table); returns the row."""
+        if not isinstance(stage, str) or not stage.strip():
+            raise ValueError(f"stage must be a non-empty name, got {stage!r}")
+        if self.rows and self.rows[-1]["held once freed MB"] is None:
+            raise RuntimeError(f"stage {self.rows[-1]['stage']!r} was not freed(): call freed() after its del")
+        row = {"stage": stage, "held at the end MB": round(held_bytes(self.device) / 1e6, 1),
+               "held once freed MB": None}
+        if self.device == "cuda":
+            import torch
+
+            row["CUDA peak MB"] = round(torch.cuda.max_memory_allocated() / 1e6, 1)
+        self.rows.append(row)
+        return row
+
+    def freed(self) -> dict:
+        """After ``del`` of what the last stage no longer needs: collect, and record what is still held."""
+        if not self.rows or self.rows[-1]["held once freed MB"] is not None:
+            raise RuntimeError("call end(stage) before freed()")
+        self.rows[-1]["held once freed MB"] = round(release(self.device) / 1e6, 1)
+        self._reset_peak()
+        return self.rows[-1]
+
+
 def model_bytes(model) -> int:
     """Bytes that hold a model: parameters, buffers, and what its ``state_dict`` adds (bitsandbytes keeps
     8-bit row scales and 4-bit block scales beside the weights, not as parameters)."""

@@ -142,3 +142,55 @@ def test_file_bytes_of_a_saved_model(tmp_path):
         M.file_bytes(tmp_path / "missing")
     with pytest.raises(TypeError, match="path must be"):
         M.file_bytes(3)
+
+
+def test_held_bytes_counts_a_training_stage_and_release_frees_it():
+    """What lab 3 prints after each stage: the model, its gradients and AdamW's two moments are
+    4 x the weights (as estimate_training_memory counts them); freed, they are gone."""
+    before = M.release()
+    model = _tiny(layers=2)
+    view = next(model.parameters())[:1]  # a view shares its storage: counted once
+    weights = M.model_bytes(model)
+    assert M.held_bytes() - before == pytest.approx(weights, rel=1e-2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    opt.step()
+    # weights, gradients, two moments (the buffers get none; AdamW adds a step count per tensor)
+    # (1 %: whatever else the process creates meanwhile, such as caches made on a first call)
+    assert M.held_bytes() - before == pytest.approx(4 * weights, rel=1e-2)
+    del model, opt, view
+    assert M.release() - before < 0.01 * weights
+    for bad in ("gpu", "cuda:0", None):
+        with pytest.raises(ValueError, match="device must be"):
+            M.held_bytes(bad)
+        with pytest.raises(ValueError, match="device must be"):
+            M.release(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            M.held_bytes("cuda")
+
+
+def test_stage_memory_records_each_stage_and_what_freeing_leaves():
+    M.release()
+    stages = M.StageMemory("cpu")
+    start = M.held_bytes() / 1e6
+    model = _tiny(layers=2)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    opt.step()
+    mb = M.model_bytes(model) / 1e6
+    row = stages.end("train")
+    assert row["held at the end MB"] - start == pytest.approx(4 * mb, rel=1e-2) and row["held once freed MB"] is None
+    with pytest.raises(RuntimeError, match="was not freed"):
+        stages.end("next")
+    del opt  # the model stays for the next stage, its optimizer state and gradients go
+    model.zero_grad(set_to_none=True)
+    assert stages.freed()["held once freed MB"] - start == pytest.approx(mb, rel=1e-2)
+    with pytest.raises(RuntimeError, match="before freed"):
+        stages.freed()
+    assert [r["stage"] for r in stages.rows] == ["train"] and "CUDA peak MB" not in stages.rows[0]
+    for bad in ("", "  ", None, 3):
+        with pytest.raises(ValueError, match="stage must be"):
+            stages.end(bad)
+    with pytest.raises(ValueError, match="device must be"):
+        M.StageMemory("gpu")
