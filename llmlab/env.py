@@ -8,7 +8,7 @@ Smoke override, ``LLMLAB_SMOKE=1`` (``smoke_enabled``, applied by ``smoke_profil
 with the ``gpu`` profile active (``LLMLAB_PROFILE=gpu``, or CUDA present),
 ``get_profile()`` returns the gpu profile with its hub model ids replaced by the offline
 SmolLM2-135M-Instruct (``SMOKE_MODEL``, cached by ``make smollm2``), ``offline=True``,
-and steps, batch, sequence length, evaluation examples and new tokens capped at
+and steps, batch, sequence length, evaluation examples, new tokens and validation documents capped at
 ``SMOKE_SIZES``. Its name stays ``"gpu"``, so every ``profile.name == "gpu"`` branch
 runs as it does on Colab: the override changes model ids and sizes only, never which
 branches run. It lets a CPU execute the students' gpu path end to end, e.g.
@@ -40,8 +40,12 @@ class Profile:
     seq_len: int
     eval_examples: int       # tasks scored for accuracy and reward tables
     max_new_tokens: int
+    val_docs: int = 200      # held-out documents the perplexity of a model is measured on (lab 1)
     labs_gpu_gb: dict = field(default_factory=dict)  # GPU memory (GB) each lab's gpu profile needs, estimated
 
+
+# SmolLM2-360M's parameters (362M): what the gpu profile's memory figures below are computed for
+GPU_MODEL_PARAMS = 362e6
 
 PROFILES = {
     "cpu": Profile(
@@ -53,22 +57,25 @@ PROFILES = {
         offline=False, dtype="bfloat16",
         train_steps=300, batch_size=16, seq_len=512, eval_examples=500, max_new_tokens=64,
         # each lab's estimate from llmlab.memory (rule of thumb, 16-bit): SmolLM2-360M has 362M parameters
-        labs_gpu_gb={"00_course_loop": round(estimate_inference_memory(362e6, 16), 2),
+        labs_gpu_gb={"00_course_loop": round(estimate_inference_memory(GPU_MODEL_PARAMS, 16), 2),
                      # the fp32 baseline stays loaded while each variant (16 bits at most) is measured
-                     "01_quantization": round(estimate_inference_memory(362e6, 32)
-                                              + estimate_inference_memory(362e6, 16), 2),
+                     "01_quantization": round(estimate_inference_memory(GPU_MODEL_PARAMS, 32)
+                                              + estimate_inference_memory(GPU_MODEL_PARAMS, 16), 2),
                      # full fine-tuning in fp32 with AdamW: weights, gradients and two moments, 16 B a parameter
-                     "02_finetuning": round(estimate_training_memory(362e6).total / 1e9, 2),
-                     # the policy in training, plus the frozen reference and reward model beside it (16-bit)
-                     "03_alignment": round(estimate_training_memory(362e6).total / 1e9
-                                           + 2 * estimate_inference_memory(362e6, 16, overhead=0), 2),
+                     "02_finetuning": round(estimate_training_memory(GPU_MODEL_PARAMS).total / 1e9, 2),
+                     # each stage freed before the next (llmlab.memory.StageMemory): the fullest is PPO's, the
+                     # policy in training (16 B a parameter) beside three fp32 models (reference, reward
+                     # model, the DPO policy kept for the comparison), plus 20 % for activations
+                     "03_alignment": round(1.2 * (
+                         estimate_training_memory(GPU_MODEL_PARAMS).total / 1e9
+                         + 3 * estimate_inference_memory(GPU_MODEL_PARAMS, 32, overhead=0)), 2),
                      # the fp32 reference in PyTorch, plus one 16-bit copy in the engine being measured (vLLM is
                      # also told to take at most 40 % of the GPU for its weights and paged KV cache)
-                     "04_inference_backends": round(estimate_inference_memory(362e6, 32)
-                                                    + estimate_inference_memory(362e6, 16), 2),
+                     "04_inference_backends": round(estimate_inference_memory(GPU_MODEL_PARAMS, 32)
+                                                    + estimate_inference_memory(GPU_MODEL_PARAMS, 16), 2),
                      # full fine-tuning on traces in fp32 with AdamW, then GRPO on the same copy (beta 0: no
                      # reference model, a verifier for reward): one trained model at a time
-                     "05_reasoning": round(estimate_training_memory(362e6).total / 1e9, 2)},
+                     "05_reasoning": round(estimate_training_memory(GPU_MODEL_PARAMS).total / 1e9, 2)},
     ),
 }
 
@@ -261,14 +268,15 @@ SMOKE_MODEL = "smollm2-135m-instruct"
 # Upper bounds on the sizes (each setting becomes min(gpu value, cap)). 4 steps, not
 # fewer: the labs derive step counts from train_steps (lab 2: 3/5 of it, lab 3's
 # alignment: 3/10), and each must stay at least 1.
-SMOKE_SIZES = {"train_steps": 4, "batch_size": 2, "seq_len": 128, "eval_examples": 8,
-               "max_new_tokens": 8}
+SMOKE_SIZES = {"train_steps": 4, "batch_size": 2, "seq_len": 128, "eval_examples": 4,
+               "max_new_tokens": 8, "val_docs": 8}
 
 
 def smoke_enabled() -> bool:
     """Whether the smoke override is on: ``LLMLAB_SMOKE`` is ``1`` (off when unset,
     empty or ``0``; any other value raises a ValueError). Chapter: Preface ("How to
-    run this course"); it runs the labs' gpu path on a CPU (not yet part of CI)."""
+    run this course"); ``make test`` runs the gpu path of labs 2 and 3 on a CPU with it,
+    ``make test-gpu-path`` every lab's and chapter's (tests/test_gpu_path.py)."""
     value = os.environ.get(SMOKE_ENV, "").strip()
     if value in ("", "0"):
         return False
@@ -282,8 +290,8 @@ def smoke_profile(p: Profile) -> Profile:
     """The smoke override, which ``get_profile`` applies to the gpu profile when
     ``LLMLAB_SMOKE=1``: a copy of ``p`` with ``base_model`` and ``sft_model`` set to
     ``SMOKE_MODEL`` (the offline SmolLM2-135M-Instruct), ``offline=True`` and
-    ``train_steps``, ``batch_size``, ``seq_len``, ``eval_examples`` and
-    ``max_new_tokens`` capped at ``SMOKE_SIZES``. ``name``, ``dtype`` and
+    ``train_steps``, ``batch_size``, ``seq_len``, ``eval_examples``,
+    ``max_new_tokens`` and ``val_docs`` capped at ``SMOKE_SIZES``. ``name``, ``dtype`` and
     ``labs_gpu_gb`` stay as they are, so the labs take the same branches: model ids
     and sizes change, nothing else. Chapter: Preface ("How to run this course")."""
     if not isinstance(p, Profile):

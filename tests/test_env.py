@@ -27,6 +27,10 @@ def test_profiles_hold_the_same_settings():
     assert env.with_overrides(cpu, train_steps=3).train_steps == 3
     labs = {p.stem for p in (Path(__file__).resolve().parent.parent / "labs").glob("*.ipynb")}
     assert set(gpu.labs_gpu_gb) == labs, "every lab states the GPU memory its gpu profile needs"
+    # a T4 as CUDA reports it (14.74 GiB), less the CUDA context: every lab's gpu profile fits
+    from llmlab import memory
+
+    assert max(gpu.labs_gpu_gb.values()) <= memory.usable_gb("T4") < 15.4
 
 
 def test_setup_goes_offline_and_is_reproducible(monkeypatch, capsys):

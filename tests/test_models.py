@@ -132,3 +132,20 @@ def test_smollm2_stand_in_is_smollm2():
     assert "<|im_start|>user\nHi<|im_end|>" in chat
     provenance = json.loads((folder / "provenance.json").read_text())
     assert provenance["n_params"] == 134_515_008 and "Q4_1" in provenance["note"]
+
+
+def test_default_dtype_is_the_profiles_where_the_hardware_has_it(monkeypatch):
+    """The gpu profile's bfloat16 only where bf16 is native: float16 on a T4, float32 on a CPU (the smoke run
+    of the gpu path on this CPU, which bf16 would slow several times)."""
+    import torch
+
+    from llmlab import env, models
+
+    monkeypatch.setenv("LLMLAB_PROFILE", "cpu")
+    assert models.default_dtype() == torch.float32
+    monkeypatch.setenv("LLMLAB_PROFILE", "gpu")
+    for cuda, native, want in ((False, False, torch.float32), (True, False, torch.float16),
+                               (True, True, torch.bfloat16)):
+        monkeypatch.setattr(env, "has_cuda", lambda cuda=cuda: cuda)
+        monkeypatch.setattr(env, "bf16_supported", lambda native=native: native)
+        assert models.default_dtype() == want, (cuda, native)

@@ -5,7 +5,7 @@ import pytest
 
 from llmlab import env, models
 
-SIZES = ("train_steps", "batch_size", "seq_len", "eval_examples", "max_new_tokens")
+SIZES = ("train_steps", "batch_size", "seq_len", "eval_examples", "max_new_tokens", "val_docs")
 
 
 def test_off_by_default_and_gpu_unchanged(monkeypatch):
