@@ -1,5 +1,6 @@
 # LLM Lab. The README's two commands: `make book` (the website) and `make test` (everything).
-# Both create .venv on first use. Other targets: execute, assign, format, grade, lock, canary, doctor, clean.
+# Both create .venv on first use. Other targets: test-gpu-path, execute, assign, format, grade, lock, canary, doctor,
+# clean.
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
 PYTHON ?= python3
@@ -45,10 +46,11 @@ CPU_ENV := $(if $(CPU),ATEN_CPU_CAPABILITY=$(CPU) ONEDNN_MAX_CPU_ISA=AVX2 MKL_EN
 # No progress bars (TQDM_DISABLE=1), as in `make execute`: the stored outputs hold none.
 # Each cell whose output moved from the stored one is logged here; the run ends with the per-notebook table.
 # The seconds of each test file go to _build/file-seconds.json (copy it to tests/file_seconds.json to keep
-# the workers balanced: conftest.py hands out the longest files first).
+# the workers balanced: conftest.py orders the longest files first, and --no-loadscope-reorder keeps pytest-xdist
+# from reordering them by their number of tests).
 CPU_REPORT := _build/cpu-report
 
-.PHONY: book test test-cpus execute assign format grade lock canary doctor clean chromium venv smollm2
+.PHONY: book test test-gpu-path test-cpus execute assign format grade lock canary doctor clean chromium venv smollm2
 
 venv: $(STAMP)
 
@@ -100,7 +102,14 @@ chromium:
 test: book chromium smollm2
 	rm -rf $(CPU_REPORT)
 	$(CPU_ENV) LLMLAB_CACHE=$(LLMLAB_CACHE) TQDM_DISABLE=1 LLMLAB_NBVAL_REPORT=$(CPU_REPORT) LLMLAB_TIMINGS_OUT=_build/file-seconds.json CHROMIUM=$(CHROMIUM) \
-	  $(BIN)/python -m pytest tests $(NOTEBOOKS) $(PYTEST_NB) -p tests.timing_table -q -rs -n $(TEST_JOBS) --dist loadfile
+	  LLMLAB_GPU_PATH_REPORT=_build/gpu-path \
+	  $(BIN)/python -m pytest tests $(NOTEBOOKS) $(PYTEST_NB) -p tests.timing_table -q -rs -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
+
+# The gpu profile's path on this CPU for every lab and every chapter with a gpu branch (tests/test_gpu_path.py;
+# `make test` runs the labs CI's budget holds): LLMLAB_PROFILE=gpu LLMLAB_SMOKE=1, the offline SmolLM2-135M.
+test-gpu-path: smollm2
+	$(CPU_ENV) LLMLAB_CACHE=$(LLMLAB_CACHE) TQDM_DISABLE=1 LLMLAB_GPU_PATH=all LLMLAB_GPU_PATH_REPORT=_build/gpu-path \
+	  $(BIN)/python -m pytest tests/test_gpu_path.py -p tests.timing_table -q -rs -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
 
 # `make test` as on another CPU: PyTorch's portable kernels instead of this machine's vector ones.
 test-cpus:

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.timing_table import unit_of
+
 ROOT = Path(__file__).resolve().parent.parent
 
 # Tests and the notebooks nbval runs both use the cpu profile and never reach the Hub.
@@ -27,6 +29,21 @@ def pytest_collection_modifyitems(session, config, items):
     _longest_files_first(items)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile, except that each test of tests/test_gpu_path.py (one notebook each, run
+    for minutes) is a unit of its own (``timing_table.unit_of``)."""
+    if config.getoption("dist", None) != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class LoadUnitScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid):
+            return unit_of(nodeid)
+
+    return LoadUnitScheduling(config, log)
+
+
 def _longest_files_first(items):
     """Order the files by their seconds in the last recorded run (tests/file_seconds.json, see timing_table),
     longest first, keeping each file's own order: pytest-xdist's --dist loadfile hands files to the workers in
@@ -38,10 +55,10 @@ def _longest_files_first(items):
     seconds = json.loads(record.read_text()) if record.exists() else {}
     position = {}
     for i, item in enumerate(items):
-        position.setdefault(item.nodeid.split("::")[0], i)
+        position.setdefault(unit_of(item.nodeid), i)
 
     def key(item):
-        path = item.nodeid.split("::")[0]
+        path = unit_of(item.nodeid)
         return -seconds.get(path, float("inf")), position[path]
 
     items.sort(key=key)

@@ -109,7 +109,8 @@ def test_grading_scores_solutions_blanks_wrong_raising_looping_and_imported_answ
     # right answers, but q2 hands the work to the llmlab function it asks for
     _submission(r["student"], {0: kv, 1: "def accuracy(rows):\n    return evaluate.accuracy(rows)['value']", 2: best},
                 subs / "f_imports.ipynb")
-    df = grading.grade(r["autograder"], subs, timeout=45, out_csv=tmp_path / "grades.csv")
+    # two at a time: the looping one waits out its timeout beside the others, not after them
+    df = grading.grade(r["autograder"], subs, timeout=45, out_csv=tmp_path / "grades.csv", jobs=2)
     assert (tmp_path / "grades.csv").exists()
     assert list(df.index) == ["a_solution.ipynb", "b_blank.ipynb", "c_wrong.ipynb", "d_raises.ipynb", "e_loops.ipynb",
                               "f_imports.ipynb"]

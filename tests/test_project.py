@@ -112,6 +112,8 @@ def test_labs_open_in_colab_from_the_one_repository_url():
         install = next("".join(c["source"]) for c in cells if c["cell_type"] == "code")
         assert url in install and "google.colab" in install and "labs/student/tests" in install
         assert not re.search(r"pip install[^\n]*\btorch\b", install), "the install cell must never reinstall torch"
+        # llmlab/colab.py installs around Colab's torch and prints each step (tests/test_colab.py)
+        assert f'LAB = "{lab.stem}"' in install and "/llmlab/colab.py --lab {LAB}" in install, lab.name
     # the autograder outside this repository (Gradescope) installs llmlab from the same repository
     assert f"git+{url}" in (ROOT / "labs" / "requirements.txt").read_text()
     # chapters open in Colab too: each installs llmlab there, from the same repository

@@ -12,12 +12,22 @@ BUDGET_S = 180.0
 _durations = defaultdict(float)
 _cells = defaultdict(int)
 _failed = defaultdict(int)
+# files whose every test is its own unit for the workers and in the timings: each runs a
+# notebook for minutes (tests/test_gpu_path.py), so that both workers share them
+PER_TEST_FILES = ("tests/test_gpu_path.py",)
+
+
+def unit_of(nodeid):
+    """What pytest-xdist hands a worker as one piece (conftest.py) and what the timings count:
+    a test file, or one test of a file in PER_TEST_FILES."""
+    path = nodeid.split("::")[0]
+    return nodeid if path in PER_TEST_FILES else path
 
 
 def pytest_runtest_logreport(report):
-    path = report.nodeid.split("::")[0]
+    path = unit_of(report.nodeid)
     _durations[path] += report.duration
-    if not path.endswith(".ipynb"):
+    if not path.endswith((".ipynb", ".ipynb]")):
         return
     if report.when == "call":
         _cells[path] += 1
@@ -31,7 +41,7 @@ def pytest_terminal_summary(terminalreporter):
         with open(out, "w") as f:
             json.dump({p: round(s, 1) for p, s in sorted(_durations.items())}, f, indent=1)
             f.write("\n")
-    notebooks = {p: s for p, s in _durations.items() if p.endswith(".ipynb")}
+    notebooks = {p: s for p, s in _durations.items() if p.endswith((".ipynb", ".ipynb]"))}
     if not notebooks:
         return
     tr = terminalreporter
