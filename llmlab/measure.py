@@ -28,6 +28,47 @@ def time_it(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> dict
     return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "repeats": repeats}
 
 
+def memory_bandwidth_gb_s(n_bytes: int = 2**28, device: str = "cpu", repeats: int = 5) -> float:
+    """Memory bandwidth in GB/s (10^9 bytes/s), measured as the chapter Inference does: the median of ``repeats``
+    copies of a float32 tensor of ``n_bytes`` (default 256 MiB, more than any CPU cache holds) into a second
+    one, 2 bytes moved per byte copied. ``device``: "cpu" or "cuda" (CUDA work is synchronised before the clock
+    is read). Chapter: Lab 4 (the roofline of a model that does not fit in the cache)."""
+    import torch
+
+    if isinstance(n_bytes, bool) or not isinstance(n_bytes, int) or n_bytes < 4:
+        raise ValueError(f"n_bytes must be an int of at least 4 (one float32), got {n_bytes!r}")
+    if str(device) not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if str(device) == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but no CUDA GPU is visible")
+    x = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)
+    y = torch.empty_like(x)
+
+    def copy():
+        y.copy_(x)
+        if x.is_cuda:  # a GPU runs ahead of Python: wait before reading the clock
+            torch.cuda.synchronize()
+
+    return 2 * x.nbytes / time_it(copy, repeats=repeats)["median_s"] / 1e9
+
+
+def last_level_cache_bytes(root: str = "/sys/devices/system/cpu/cpu0/cache") -> int | None:
+    """The size in bytes of the largest cache CPU 0 reaches (its last level, L3 on most CPUs), as Linux reports it
+    in ``root``; ``None`` where it is not reported (macOS, Windows, some containers and Arm boards). Chapter:
+    Lab 4 (whether a model's weights fit in the cache)."""
+    from pathlib import Path
+
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    sizes = []
+    for f in sorted(Path(root).glob("index*/size")):
+        text = f.read_text().strip().upper()
+        try:
+            sizes.append(int(text[:-1]) * units[text[-1]] if text[-1:] in units else int(text))
+        except (ValueError, IndexError):
+            continue
+    return max(sizes) if sizes else None
+
+
 def table(rows: list[dict], index: str | None = None):
     """A pandas DataFrame from a list of dicts (one dict a row), optionally indexed by column ``index``."""
     import pandas as pd

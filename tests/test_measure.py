@@ -57,3 +57,24 @@ def test_gpu_reference_is_pending_or_measured_with_provenance(monkeypatch, capsy
     assert df.loc[0, "tokens/s"] == 812.5 and "NVIDIA T4 on 2026-12-01" in capsys.readouterr().out
     with pytest.raises(ValueError, match="provenance"):
         measure.gpu_reference("y")
+
+
+def test_memory_bandwidth_counts_a_copy_as_two_bytes_moved_per_byte(monkeypatch):
+    # a copy that takes 0.5 s: the tensor's bytes read once and written once
+    monkeypatch.setattr(measure, "time_it", lambda fn, repeats: (fn(), {"median_s": 0.5})[1])
+    assert measure.memory_bandwidth_gb_s(2**20, repeats=1) == pytest.approx(2 * 2**20 / 0.5 / 1e9)
+
+
+def test_memory_bandwidth_measures_a_positive_rate_and_rejects_bad_input():
+    assert measure.memory_bandwidth_gb_s(2**16, repeats=2) > 0
+    for bad in (dict(n_bytes=2), dict(n_bytes=True), dict(n_bytes=1e6), dict(device="tpu")):
+        with pytest.raises(ValueError):
+            measure.memory_bandwidth_gb_s(**bad)
+
+
+def test_last_level_cache_is_the_largest_cache_linux_reports(tmp_path):
+    for i, size in enumerate(("32K", "1024K", "32768K", "")):
+        (tmp_path / f"index{i}").mkdir()
+        (tmp_path / f"index{i}" / "size").write_text(size + "\n")
+    assert measure.last_level_cache_bytes(tmp_path) == 32 * 2**20
+    assert measure.last_level_cache_bytes(tmp_path / "absent") is None
