@@ -447,6 +447,40 @@ def corpus_split(split: str, n_docs: int) -> list[str]:
     return pretraining_corpus(n_docs, seed=SPLIT_SEEDS[split])
 
 
+# ------------------------------------------------------------- real English --
+
+def reference_english(n_paragraphs: int = 24, min_words: int = 40) -> list[str]:
+    """``n_paragraphs`` paragraphs of real English prose that ships, offline, with every CPython: the Python
+    language reference as ``help()`` shows it (``pydoc_data.topics``, PSF licence). Prose only: no headings, no
+    indented grammar or code, each paragraph at least ``min_words`` words, its lines joined, none twice. One
+    paragraph per topic in turn (topics in sorted order), so the text spans the reference. Deterministic for a
+    Python version (the reference changes a little between versions). The course corpus is synthetic; Lab 1
+    measures a real model's perplexity on this text instead (a model trained on the web has likely seen it:
+    compare variants of one model on it, not models)."""
+    _check_count(n_paragraphs, "n_paragraphs")
+    _check_count(min_words, "min_words")
+    from pydoc_data.topics import topics
+
+    per_topic = []
+    for key in sorted(topics):
+        kept = []
+        for block in re.split(r"\n\s*\n", topics[key]):
+            lines = block.splitlines()
+            if not lines or any(line[:1].isspace() or set(line.strip()) <= set("*=-") for line in lines):
+                continue
+            text = " ".join(line.strip() for line in lines)
+            if len(text.split()) >= min_words:
+                kept.append(text)
+        per_topic.append(kept)
+    # topics repeat some paragraphs: each is kept once, where it first comes
+    paragraphs = list(dict.fromkeys(ps[i] for i in range(max(map(len, per_topic))) for ps in per_topic
+                                    if i < len(ps)))
+    if n_paragraphs > len(paragraphs):
+        raise ValueError(f"the reference has {len(paragraphs)} prose paragraphs of at least {min_words} words, "
+                         f"asked for {n_paragraphs}")
+    return paragraphs[:n_paragraphs]
+
+
 # -------------------------------------------------------------- reasoning --
 #
 # Tasks whose answer takes several steps, a step-by-step trace that shows them, and a

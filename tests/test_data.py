@@ -108,3 +108,28 @@ def test_held_out_bad_inputs():
     every_add = data.instruction_tasks(20_000, seed=0, kinds=("add",))
     with pytest.raises(ValueError, match="no 'add' task left"):
         data.instruction_tasks(1, seed=5, kinds=("add",), exclude=every_add)
+
+
+def test_reference_english_is_prose_from_the_python_reference_in_a_fixed_order():
+    from pydoc_data.topics import topics
+
+    paragraphs = data.reference_english(30, min_words=40)
+    assert len(paragraphs) == 30 and len(set(paragraphs)) == 30
+    assert paragraphs == data.reference_english(30, min_words=40)  # deterministic
+    assert data.reference_english(10) == paragraphs[:10]
+    source = " ".join(" ".join(line.strip() for line in t.splitlines()) for t in topics.values())
+    for p in paragraphs:
+        assert len(p.split()) >= 40 and "\n" not in p and not p.startswith((" ", "*" * 3))
+        assert p in source  # the reference's own words, lines joined
+    # one paragraph per topic in turn: the first ones come from different topics
+    firsts = [next(k for k, t in topics.items() if p[:60] in " ".join(t.split())) for p in paragraphs[:5]]
+    assert len(set(firsts)) == 5
+
+
+def test_reference_english_rejects_bad_counts():
+    with pytest.raises(TypeError):
+        data.reference_english("10")
+    with pytest.raises(ValueError):
+        data.reference_english(-1)
+    with pytest.raises(ValueError, match="prose paragraphs"):
+        data.reference_english(10**6)
