@@ -9,6 +9,7 @@ sits in the same table as a PyTorch row.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -111,9 +112,29 @@ def convert(model_dir, outfile, outtype: str = "f32", pre_tokenizer: str | None 
     return outfile
 
 
+@contextlib.contextmanager
+def _silenced():
+    """Nothing reaches stdout or stderr inside: neither Python's streams nor what C code writes to file
+    descriptors 1 and 2 (llama.cpp's quantizer warns per tensor there, whatever its log level)."""
+    import io
+
+    sys.stdout.flush(), sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            os.dup2(null.fileno(), 1), os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+
+
 def quantize(infile, outfile, kind: str = "Q4_K_M", threads: int = 1, verbose: bool = False) -> Path:
     """Quantize a GGUF file with llama.cpp's ``llama_model_quantize`` (what the ``llama-quantize`` tool runs);
-    ``verbose`` shows llama.cpp's log, a line per tensor with the type it chose."""
+    ``verbose`` shows llama.cpp's log, a line per tensor with the type it chose, and its warnings (a tensor
+    whose rows do not fit the type's blocks falls back to another type: ``tensor_types`` counts the result)."""
     import logging
 
     llama_cpp = _llama_cpp()
@@ -126,10 +147,26 @@ def quantize(infile, outfile, kind: str = "Q4_K_M", threads: int = 1, verbose: b
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FTYPES[kind]
     params.nthread = threads
-    status = llama_cpp.llama_model_quantize(str(infile).encode(), str(outfile).encode(), params)
+    with contextlib.nullcontext() if verbose else _silenced():
+        status = llama_cpp.llama_model_quantize(str(infile).encode(), str(outfile).encode(), params)
     if status != 0:
         raise RuntimeError(f"llama_model_quantize returned {status} for {kind}")
     return Path(outfile)
+
+
+def tensor_types(path) -> dict:
+    """How many tensors of a GGUF file are stored in each type (``{"Q5_0": 180, "F32": 61, ...}``, most first),
+    read with the ``gguf`` package. A quantization preset names the type it aims for; llama.cpp falls back to
+    another where a tensor's rows do not fit the type's blocks (k-quants need rows of a multiple of 256 weights).
+    Chapter: Lab 1 (what a Q4_K_M file of SmolLM2-135M holds)."""
+    from collections import Counter
+
+    from gguf import GGUFReader
+
+    if not Path(path).is_file():
+        raise ValueError(f"no GGUF file at {path}")
+    counts = Counter(t.tensor_type.name for t in GGUFReader(str(path)).tensors)
+    return dict(counts.most_common())
 
 
 KV_CACHE_TYPES = {"f32": 0, "f16": 1}  # ggml_type numbers

@@ -133,3 +133,22 @@ def test_score_completions_checks_lengths():
     tasks = data.instruction_tasks(2, seed=1)
     with pytest.raises(ValueError, match="one string per task"):
         infer.score_completions(tasks, ["only one"])
+
+
+def test_tensor_types_counts_each_type_of_a_gguf_file(gguf, tmp_path):
+    f32, q8 = llamacpp.tensor_types(gguf["f32"]), llamacpp.tensor_types(gguf["Q8_0"])
+    assert set(f32) == {"F32"} and sum(q8.values()) == f32["F32"]
+    # Q8_0 stores the weight matrices in blocks of 32; the norms' vectors stay F32
+    assert q8["Q8_0"] > 0 and set(q8) <= {"Q8_0", "F32"}
+    assert list(q8.values()) == sorted(q8.values(), reverse=True)
+    with pytest.raises(ValueError, match="no GGUF file"):
+        llamacpp.tensor_types(tmp_path / "absent.gguf")
+
+
+def test_quantize_is_silent_unless_verbose(gguf, tmp_path, capfd):
+    llamacpp.quantize(gguf["f32"], tmp_path / "quiet.gguf", "Q4_K_M")
+    assert capfd.readouterr() == ("", "")  # not even llama.cpp's C-level warnings
+    llamacpp.quantize(gguf["f32"], tmp_path / "loud.gguf", "Q4_K_M", verbose=True)
+    out, err = capfd.readouterr()
+    assert "q4_k" in (out + err).lower()  # a line per tensor, with the type chosen
+    assert (tmp_path / "quiet.gguf").read_bytes() == (tmp_path / "loud.gguf").read_bytes()
