@@ -178,12 +178,10 @@ def default_dtype():
     on a CPU). Chapter: How to run this course."""
     import torch
 
-    from llmlab.env import bf16_supported, has_cuda, train_dtype
+    from llmlab.env import train_dtype
 
     dtype = _dtype(get_profile().dtype)
-    if dtype == torch.bfloat16 and not (has_cuda() and bf16_supported()):
-        return train_dtype()
-    return dtype
+    return train_dtype() if dtype == torch.bfloat16 else dtype
 
 
 def load(name: str | os.PathLike | None = None, dtype=None, quantization_config=None, **kwargs):
@@ -191,10 +189,11 @@ def load(name: str | os.PathLike | None = None, dtype=None, quantization_config=
 
     ``name`` is a hub id (``"HuggingFaceTB/SmolLM2-360M-Instruct"``), a local folder, ``llmlab.env.COURSE_MODEL``
     or an offline model's name (``OFFLINE_MODELS``, fetched by make);
-    ``None`` means the current profile's base model. ``dtype`` is a torch dtype or its name (default: the
-    profile's, where the hardware has it natively: the gpu profile's bfloat16 becomes float16 on a GPU without
-    native bf16, a T4, and float32 on a CPU, as ``llmlab.env.train_dtype``). If a hub model cannot be reached (offline, no network, unknown or gated id) this prints one line
-    and falls back to the course model; any other error (bad arguments, out of memory) is raised.
+    ``None`` means the current profile's base model. ``dtype`` is a torch dtype or its name (default:
+    ``default_dtype()``, the profile's where the hardware has it natively: the gpu profile's bfloat16 becomes
+    float16 on a GPU without native bf16, a T4, and float32 on a CPU). If a hub model cannot be reached
+    (offline, no network, unknown or gated id) this prints one line and falls back to the course model; any
+    other error (bad arguments, out of memory) is raised.
     """
     kind, location = resolve(name)
     dtype = _dtype(default_dtype() if dtype is None else dtype)
