@@ -265,18 +265,25 @@ SMOKE_ENV = "LLMLAB_SMOKE"
 # chat template (ChatML, no {% generation %} markers), so the SFT code path is the same;
 # only "starts from a base model" is not reproduced.
 SMOKE_MODEL = "smollm2-135m-instruct"
-# Upper bounds on the sizes (each setting becomes min(gpu value, cap)). 4 steps, not
-# fewer: the labs derive step counts from train_steps (lab 2: 3/5 of it, lab 3's
-# alignment: 3/10), and each must stay at least 1.
-SMOKE_SIZES = {"train_steps": 4, "batch_size": 2, "seq_len": 128, "eval_examples": 4,
-               "max_new_tokens": 8, "val_docs": 8}
+# Upper bounds on the sizes (each setting becomes min(gpu value, cap)): the fewest that
+# still run every statement. 4 steps, not fewer: the labs derive step counts from
+# train_steps (lab 2: 3/5 of it, lab 3's alignment: 3/10), and each must stay at least 1;
+# batches of 2 (padding); 4 validation documents, the fewest that fill one packed row of
+# 256 SmolLM2 tokens.
+SMOKE_SIZES = {"train_steps": 4, "batch_size": 2, "seq_len": 128, "eval_examples": 2,
+               "max_new_tokens": 4, "val_docs": 4}
+# What ``llmlab.measure.time_it`` runs under the smoke override (``smoke_timing``): one
+# timed call and no warm-up. A smoke run's timings mean nothing (a CPU standing in for
+# a GPU, a few tokens); the calls are the code path, repeating them only costs time.
+SMOKE_TIMING = {"repeats": 1, "warmup": 0}
 
 
 def smoke_enabled() -> bool:
     """Whether the smoke override is on: ``LLMLAB_SMOKE`` is ``1`` (off when unset,
     empty or ``0``; any other value raises a ValueError). Chapter: Preface ("How to
-    run this course"); ``make test`` runs the gpu path of labs 2 and 3 on a CPU with it,
-    ``make test-gpu-path`` every lab's and chapter's (tests/test_gpu_path.py)."""
+    run this course"); ``make test`` runs the gpu path of every lab, and of every chapter
+    where the profile picks the model or a branch, on a CPU with it (tests/test_gpu_path.py;
+    ``make test-gpu-path`` runs those alone)."""
     value = os.environ.get(SMOKE_ENV, "").strip()
     if value in ("", "0"):
         return False
@@ -284,6 +291,13 @@ def smoke_enabled() -> bool:
         return True
     raise ValueError(f"{SMOKE_ENV}={value!r} is not understood; set it to 1 (on) or "
                      f"0 / unset (off)")
+
+
+def smoke_timing() -> bool:
+    """Whether timers run ``SMOKE_TIMING`` (one call, no warm-up): the smoke override is on
+    and the profile is ``gpu`` (``LLMLAB_PROFILE=gpu``, or CUDA present). The cpu
+    profile's timings are never cut. Chapter: Preface ("How to run this course")."""
+    return smoke_enabled() and profile_name() == "gpu"
 
 
 def smoke_profile(p: Profile) -> Profile:

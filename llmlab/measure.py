@@ -11,13 +11,23 @@ from collections.abc import Callable
 
 
 def time_it(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> dict:
-    """Call ``fn`` ``warmup`` times untimed, then ``repeats`` times; return median/min/max seconds."""
+    """Call ``fn`` ``warmup`` times untimed, then ``repeats`` times; return median/min/max seconds.
+
+    Under the smoke override on the gpu profile (``llmlab.env.smoke_timing``: a CPU
+    executing the students' gpu path) it calls ``fn`` once, untimed warm-up skipped
+    (``llmlab.env.SMOKE_TIMING``); ``repeats`` in the result says how many calls were
+    timed."""
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
+    from llmlab import env
+
+    if env.smoke_timing():
+        repeats = min(repeats, env.SMOKE_TIMING["repeats"])
+        warmup = min(warmup, env.SMOKE_TIMING["warmup"])
     for _ in range(warmup):
         fn()
     times = []

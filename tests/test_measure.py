@@ -14,6 +14,21 @@ def test_time_it_reports_the_median_of_its_repeats():
     assert t["min_s"] <= t["median_s"] <= t["max_s"]
 
 
+@pytest.mark.parametrize(
+    "profile, smoke, calls_made",
+    [("gpu", "1", 1), ("cpu", "1", 7), ("gpu", "0", 7), ("cpu", "", 7)],
+)
+def test_time_it_calls_once_only_on_the_smoke_gpu_path(monkeypatch, profile, smoke, calls_made):
+    """LLMLAB_SMOKE=1 with the gpu profile (a CPU executing the students' path): one timed
+    call, no warm-up; the cpu profile, or no smoke override, keeps every repeat."""
+    monkeypatch.setenv("LLMLAB_PROFILE", profile)
+    monkeypatch.setenv("LLMLAB_SMOKE", smoke)
+    calls = []
+    t = measure.time_it(lambda: calls.append(1), repeats=5, warmup=2)
+    assert len(calls) == calls_made
+    assert t["repeats"] == (1 if calls_made == 1 else 5)
+
+
 def test_table_and_plot():
     df = measure.table([{"m": "a", "x": 1.0}, {"m": "b", "x": 2.0}], index="m")
     assert list(df.index) == ["a", "b"] and df.loc["b", "x"] == 2.0
