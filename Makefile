@@ -105,10 +105,10 @@ test: book chromium smollm2
 	  LLMLAB_GPU_PATH_REPORT=_build/gpu-path \
 	  $(BIN)/python -m pytest tests $(NOTEBOOKS) $(PYTEST_NB) -p tests.timing_table -q -rs -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
 
-# The gpu profile's path on this CPU for every lab and every chapter with a gpu branch (tests/test_gpu_path.py;
-# `make test` runs the labs CI's budget holds): LLMLAB_PROFILE=gpu LLMLAB_SMOKE=1, the offline SmolLM2-135M.
+# The gpu profile's path on this CPU alone (tests/test_gpu_path.py, which `make test` also runs): every lab and every
+# chapter where the profile picks the model or a branch, LLMLAB_PROFILE=gpu LLMLAB_SMOKE=1, the offline SmolLM2-135M.
 test-gpu-path: smollm2
-	$(CPU_ENV) LLMLAB_CACHE=$(LLMLAB_CACHE) TQDM_DISABLE=1 LLMLAB_GPU_PATH=all LLMLAB_GPU_PATH_REPORT=_build/gpu-path \
+	$(CPU_ENV) LLMLAB_CACHE=$(LLMLAB_CACHE) TQDM_DISABLE=1 LLMLAB_GPU_PATH_REPORT=_build/gpu-path \
 	  $(BIN)/python -m pytest tests/test_gpu_path.py -p tests.timing_table -q -rs -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
 
 # `make test` as on another CPU: PyTorch's portable kernels instead of this machine's vector ones.
