@@ -9,9 +9,9 @@ with the ``gpu`` profile active (``LLMLAB_PROFILE=gpu``, or CUDA present),
 ``get_profile()`` returns the gpu profile with its hub model ids replaced by the offline
 SmolLM2-135M-Instruct (``SMOKE_MODEL``, cached by ``make smollm2``), ``offline=True``,
 and steps, batch, sequence length, evaluation examples, new tokens and validation documents capped at
-``SMOKE_SIZES``. Its name stays ``"gpu"``, so every ``profile.name == "gpu"`` branch
-runs as it does on Colab: the override changes model ids and sizes only, never which
-branches run. It lets a CPU execute the students' gpu path end to end, e.g.
+``SMOKE_SIZES``; ``llmlab.measure.time_it`` calls once (``SMOKE_TIMING``). Its name stays
+``"gpu"``, so every ``profile.name == "gpu"`` branch runs as it does on Colab: the override
+changes model ids and sizes only, never which branches run. It lets a CPU execute the students' gpu path end to end, e.g.
 ``LLMLAB_PROFILE=gpu LLMLAB_SMOKE=1 jupyter execute labs/02_finetuning.ipynb``.
 ``LLMLAB_SMOKE`` unset, empty or ``0`` means off; the cpu profile ignores it.
 """
