@@ -47,10 +47,23 @@ def _is_cpu_check(node):
     )
 
 
+def _called(call):
+    """The name a call calls: ``f`` for ``f()``, ``a.b.f()`` and ``b.f()``."""
+    f = call.func
+    return f.id if isinstance(f, ast.Name) else f.attr if isinstance(f, ast.Attribute) else None
+
+
+def _owner(call):
+    """``models`` for ``models.load()`` and ``llmlab.models.load()``; None for ``load()``."""
+    v = getattr(call.func, "value", None)
+    return v.id if isinstance(v, ast.Name) else v.attr if isinstance(v, ast.Attribute) else None
+
+
 def profile_dependence(source):
     """The lines of notebook code ``source`` where the profile picks the model or a branch:
     ``models.load`` or ``models.resolve`` with no model named (the profile's base model),
-    and every use of ``profile`` but two. Not counted: its sizes (``env.SMOKE_SIZES``'
+    the profile under another name (``get_profile()``, ``setup()`` kept in another
+    variable), and every use of ``profile`` but two. Not counted: its sizes (``env.SMOKE_SIZES``'
     settings: the same statements, run more or fewer times; the smoke override caps them
     below every profile's anyway), and ``if profile.name == "cpu":`` blocks of asserts
     alone (claims about the course model: the gpu path runs the same statements less those
@@ -76,10 +89,16 @@ def profile_dependence(source):
         if (isinstance(node, ast.Name) and node.id == "profile" and isinstance(node.ctx, ast.Load)
                 and id(node) not in uncounted):
             lines.add(node.lineno)
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                and isinstance(node.func.value, ast.Name) and node.func.value.id == "models"
-                and node.func.attr in ("load", "resolve")
-                and not node.args and not any(k.arg == "name" for k in node.keywords)):
+        if isinstance(node, ast.Call) and _called(node) in ("load", "resolve") and (
+                _owner(node) == "models" and not node.args
+                and not any(k.arg == "name" for k in node.keywords)):
+            lines.add(node.lineno)
+        # the profile under another name: get_profile(), or setup()'s result kept elsewhere
+        if isinstance(node, ast.Call) and _called(node) == "get_profile":
+            lines.add(node.lineno)
+        if (isinstance(node, ast.Assign) and isinstance(node.value, ast.Call)
+                and _called(node.value) == "setup"
+                and not all(isinstance(t, ast.Name) and t.id == "profile" for t in node.targets)):
             lines.add(node.lineno)
     return [code.splitlines()[n - 1].strip() for n in sorted(lines)]
 
@@ -182,6 +201,9 @@ def test_gpu_path_runs_end_to_end(path):
         ('k = 64 if profile.name == "cpu" else 8', ['k = 64 if profile.name == "cpu" else 8']),
         ("f(profile)", ["f(profile)"]),
         ("profile = llmlab.env.setup(seed=0)", []),
+        ("llmlab.models.load()", ["llmlab.models.load()"]),
+        ("p = llmlab.env.get_profile()", ["p = llmlab.env.get_profile()"]),
+        ("p = llmlab.env.setup(seed=0)", ["p = llmlab.env.setup(seed=0)"]),
         # magics, indented too, are skipped as Python
         ('if colab:\n    %pip install -q x\nmodels.load()', ["models.load()"]),
     ],
