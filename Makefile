@@ -49,6 +49,10 @@ CPU_ENV := $(if $(CPU),ATEN_CPU_CAPABILITY=$(CPU) ONEDNN_MAX_CPU_ISA=AVX2 MKL_EN
 # the workers balanced: conftest.py orders the longest files first, and --no-loadscope-reorder keeps pytest-xdist
 # from reordering them by their number of tests).
 CPU_REPORT := _build/cpu-report
+# The notebooks' temporary files (lab 1 and lab 4 write GBs of SmolLM2 checkpoints, GGUF, CTranslate2 and ONNX
+# files with tempfile.mkdtemp) go to one directory per run, removed when the run ends, passed or failed: a machine
+# that runs the tests again and again (CI's) would otherwise fill its disk.
+SCRATCH := scratch=$$(mktemp -d) && trap 'rm -rf "$$scratch"' EXIT && TMPDIR=$$scratch
 
 .PHONY: book test test-gpu-path test-cpus execute assign format grade lock canary doctor clean chromium venv smollm2
 
@@ -101,14 +105,14 @@ chromium:
 
 test: book chromium smollm2
 	rm -rf $(CPU_REPORT)
-	$(CPU_ENV) LLMLAB_CACHE=$(LLMLAB_CACHE) TQDM_DISABLE=1 LLMLAB_NBVAL_REPORT=$(CPU_REPORT) LLMLAB_TIMINGS_OUT=_build/file-seconds.json CHROMIUM=$(CHROMIUM) \
+	$(SCRATCH) $(CPU_ENV) LLMLAB_CACHE=$(LLMLAB_CACHE) TQDM_DISABLE=1 LLMLAB_NBVAL_REPORT=$(CPU_REPORT) LLMLAB_TIMINGS_OUT=_build/file-seconds.json CHROMIUM=$(CHROMIUM) \
 	  LLMLAB_GPU_PATH_REPORT=_build/gpu-path \
 	  $(BIN)/python -m pytest tests $(NOTEBOOKS) $(PYTEST_NB) -p tests.timing_table -q -rs -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
 
 # The gpu profile's path on this CPU alone (tests/test_gpu_path.py, which `make test` also runs): every lab and every
 # chapter where the profile picks the model or a branch, LLMLAB_PROFILE=gpu LLMLAB_SMOKE=1, the offline SmolLM2-135M.
 test-gpu-path: smollm2
-	$(CPU_ENV) LLMLAB_CACHE=$(LLMLAB_CACHE) TQDM_DISABLE=1 LLMLAB_GPU_PATH_REPORT=_build/gpu-path \
+	$(SCRATCH) $(CPU_ENV) LLMLAB_CACHE=$(LLMLAB_CACHE) TQDM_DISABLE=1 LLMLAB_GPU_PATH_REPORT=_build/gpu-path \
 	  $(BIN)/python -m pytest tests/test_gpu_path.py -p tests.timing_table -q -rs -n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder
 
 # `make test` as on another CPU: PyTorch's portable kernels instead of this machine's vector ones.
